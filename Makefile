@@ -1,0 +1,28 @@
+# The two commands a newcomer needs (see README):
+#   make run    set up .venv and run the whole pipeline on the bundled HAM10000 sample
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+.PHONY: setup run test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -qq -c requirements.lock -e '.[test]'
+	@touch $@
+
+run: setup
+	$(BIN)/lesionml run $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: setup
+	$(BIN)/python bench/preprocess.py $(ARGS)
+
+clean:
+	rm -rf workspace .pytest_cache

@@ -1,0 +1,1 @@
+"""Prefect flows: which tasks run, in which order, with which inputs."""

@@ -1,0 +1,139 @@
+"""params.yaml -> typed, validated configuration: the one source of truth for every stage.
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo in
+params.yaml or in `--set` fails at load time with one line naming the key, instead of
+being silently ignored and producing a run that differs from what the user asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lesionml.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    source: Path = Path("data/sample")
+    workspace: Path = Path("workspace")
+    image_size: tuple[int, int] = (75, 100)
+    workers: int = Field(2, ge=1, le=64)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_archive_bytes: int = Field(20_000_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _check_size(self) -> "DataConfig":
+        height, width = self.image_size
+        if not (8 <= height <= 1024 and 8 <= width <= 1024):
+            raise ValueError(f"image_size must be two sides between 8 and 1024, got {list(self.image_size)}")
+        return self
+
+
+class SplitConfig(_Section):
+    seed: int = 42
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> "SplitConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must be below 1 to leave a training split, "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+class AugmentConfig(_Section):
+    seed: int = 42
+    rotation_degrees: float = Field(180.0, ge=0, le=180)
+    shift_fraction: float = Field(0.1, ge=0, lt=1)
+    zoom_fraction: float = Field(0.1, ge=0, lt=1)
+    horizontal_flip: bool = True
+    vertical_flip: bool = True
+    brightness: float = Field(0.1, ge=0, le=1)
+    contrast: float = Field(0.1, ge=0, lt=1)
+    preview_images: int = Field(8, ge=1, le=32)
+
+
+class Params(_Section):
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    augment: AugmentConfig = AugmentConfig()
+
+    def resolve_paths(self, root: Path) -> "Params":
+        """Anchor relative paths at the folder of params.yaml, so commands work from any cwd."""
+        data = self.data.model_copy(
+            update={
+                "source": (root / self.data.source).resolve(),
+                "workspace": (root / self.data.workspace).resolve(),
+            }
+        )
+        return self.model_copy(update={"data": data})
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as plain JSON-able data: what tasks hash into their cache keys."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value`, the value read as YAML so `3`, `0.5`, `true`, `[64, 64]` get their types."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or "." not in key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. split.seed=7")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from None
+    return key.strip(), value
+
+
+def _format_error(origin: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{where}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    return f"{origin}: {where}: {msg} (got {err.get('input')!r}){more}"
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read, override and validate params; relative paths resolve against the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    origin = f"{path}" + (" with --set " + " ".join(overrides) if overrides else "")
+    try:
+        params = Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(origin, exc)) from None
+    return params.resolve_paths(path.resolve().parent)

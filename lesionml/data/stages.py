@@ -1,0 +1,149 @@
+"""The data stages as file-to-file functions: what `tasks/` wraps and `flows/` chains.
+
+Each stage reads its inputs from files, writes its outputs atomically into the
+workspace and returns them as `Artifact`s (path + sha256). Passing small records instead
+of arrays keeps orchestration cheap and lets every consumer verify it reads exactly the
+bytes its producer wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lesionml.config import AugmentConfig, DataConfig, SplitConfig
+from lesionml.data import augment as aug
+from lesionml.data.images import load_image_array, load_images, save_image_array
+from lesionml.data.metadata import clean_metadata
+from lesionml.data.normalize import NormStats, fit_stats
+from lesionml.data.source import build_manifest, release_fingerprint
+from lesionml.data.split import split_by_lesion
+from lesionml.errors import DataError
+from lesionml.io import Artifact, atomic_path, write_json
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where each stage's outputs live; fixed paths, so DVC can declare them as outs."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "ingest" / "manifest.csv"
+
+    @property
+    def release(self) -> Path:
+        return self.root / "ingest" / "release.json"
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "preprocess" / "metadata.csv"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "preprocess" / "images.npz"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split" / "split.csv"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "normalize" / "stats.json"
+
+    @property
+    def augment_spec(self) -> Path:
+        return self.root / "augment" / "spec.json"
+
+    @property
+    def augment_preview(self) -> Path:
+        return self.root / "augment" / "preview.png"
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> Artifact:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Artifact.of(path)
+
+
+def _read_csv(artifact: Artifact) -> pd.DataFrame:
+    if not artifact.is_intact():
+        raise DataError(f"{artifact.path}: changed or missing since it was produced; re-run the pipeline")
+    return pd.read_csv(artifact.path, keep_default_na=False, dtype={"member": str})
+
+
+def ingest(source: Path, ws: Workspace, max_archive_bytes: int) -> dict[str, Artifact]:
+    """Validate the release at `source` and record its manifest and fingerprint."""
+    manifest = build_manifest(source, max_archive_bytes)
+    out = {"manifest": _write_csv(ws.manifest, manifest)}
+    write_json(
+        ws.release,
+        {
+            "source": str(Path(source).resolve()),
+            "images": len(manifest),
+            "lesions": int(manifest.lesion_id.nunique()),
+            "fingerprint": release_fingerprint(manifest),
+        },
+    )
+    out["release"] = Artifact.of(ws.release)
+    return out
+
+
+def preprocess(manifest: Artifact, ws: Workspace, cfg: DataConfig, progress: Progress | None = None) -> dict[str, Artifact]:
+    """Clean metadata and decode every image to cfg.image_size, in manifest order."""
+    table = _read_csv(manifest)
+    metadata = clean_metadata(table)
+    locations = list(zip(table.file, table.member))
+    images = load_images(locations, tuple(cfg.image_size), cfg.max_image_pixels, cfg.workers, progress)
+    save_image_array(ws.images, images, metadata.image_id.tolist())
+    return {"metadata": _write_csv(ws.metadata, metadata), "images": Artifact.of(ws.images)}
+
+
+def split(metadata: Artifact, ws: Workspace, cfg: SplitConfig) -> dict[str, Artifact]:
+    assignment = split_by_lesion(_read_csv(metadata), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    return {"split": _write_csv(ws.split, assignment)}
+
+
+def load_split_images(images: Artifact, split: Artifact, which: str) -> tuple[np.ndarray, pd.DataFrame]:
+    """The images of one split with their split rows, aligned by image_id."""
+    if not images.is_intact():
+        raise DataError(f"{images.path}: changed or missing since it was produced; re-run the pipeline")
+    pixels, ids = load_image_array(images.path)
+    rows = _read_csv(split)
+    rows = rows[rows.split == which].reset_index(drop=True)
+    index = pd.Series(np.arange(len(ids)), index=ids)
+    missing = rows.image_id[~rows.image_id.isin(index.index)]
+    if len(missing):
+        raise DataError(f"{split.path}: {len(missing)} image_ids not in {images.path}, e.g. {missing.iloc[0]}")
+    return pixels[index[rows.image_id].to_numpy()], rows
+
+
+def normalize(images: Artifact, split: Artifact, ws: Workspace) -> dict[str, Artifact]:
+    train, _ = load_split_images(images, split, "train")
+    write_json(ws.stats, fit_stats(train).to_dict())
+    return {"stats": Artifact.of(ws.stats)}
+
+
+def read_stats(stats: Artifact) -> NormStats:
+    return NormStats.from_dict(json.loads(Path(stats.path).read_text()))
+
+
+def augment(images: Artifact, split: Artifact, ws: Workspace, cfg: AugmentConfig) -> dict[str, Artifact]:
+    """Record the augmentation spec and draw the preview grid from training images."""
+    train, rows = load_split_images(images, split, "train")
+    rng = np.random.default_rng(cfg.seed)
+    # One image per class first, so the preview shows every diagnosis when it can.
+    firsts = rows.groupby("dx").head(1).index.to_numpy()
+    rest = np.setdiff1d(np.arange(len(rows)), firsts)
+    pick = np.concatenate([rng.permutation(firsts), rng.permutation(rest)])[: cfg.preview_images]
+    aug.write_preview(ws.augment_preview, train[pick], rows.dx.iloc[pick].tolist(), cfg)
+    write_json(ws.augment_spec, aug.describe(cfg))
+    return {"spec": Artifact.of(ws.augment_spec), "preview": Artifact.of(ws.augment_preview)}

@@ -1,0 +1,73 @@
+"""What every stage task shares: its cache key, its retry rule, and verified cache hits.
+
+Cache key = task name + the source of the task and of the library modules doing the work
++ the task's inputs (upstream artifacts' sha256, the params section it reads). So changing
+`split.seed` changes the split key and everything downstream of the new split file, but
+never ingest or preprocess; editing lesionml/data/split.py re-runs split too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from prefect import Task
+from prefect.context import TaskRunContext
+
+from lesionml.errors import LesionMLError
+from lesionml.io import Artifact
+
+# Inputs that change how a stage runs but not what it produces.
+NOT_IN_KEY = frozenset({"workers"})
+
+
+def stage_cache_key(*modules: ModuleType) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    code = hashlib.sha256()
+    for module in modules:
+        code.update(Path(inspect.getfile(module)).read_bytes())
+    code_digest = code.hexdigest()
+
+    def key(ctx: TaskRunContext, inputs: dict[str, Any]) -> str:
+        h = hashlib.sha256()
+        h.update(ctx.task.name.encode())
+        h.update(inspect.getsource(ctx.task.fn).encode())
+        h.update(code_digest.encode())
+        kept = {k: v for k, v in inputs.items() if k not in NOT_IN_KEY}
+        h.update(json.dumps(kept, sort_keys=True, default=str).encode())
+        return f"{ctx.task.name}-{h.hexdigest()[:32]}"
+
+    return key
+
+
+def retry_transient(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry I/O hiccups; never retry a LesionMLError, which is a verdict on the input."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, LesionMLError)
+
+
+def as_dicts(artifacts: dict[str, Artifact]) -> dict[str, dict[str, str]]:
+    return {name: a.to_dict() for name, a in artifacts.items()}
+
+
+def run_stage(task: Task, workspace: Path, /, **inputs: Any) -> tuple[dict[str, Artifact], bool]:
+    """Run `task`, returning its artifacts and whether they came from the cache.
+
+    A cache hit is trusted only if every file it names still holds the recorded bytes;
+    otherwise (deleted or edited output) the stage is recomputed.
+    """
+    storage = workspace / ".prefect" / "results"  # a Path: Prefect stores locally, no block needed
+    bound = task.with_options(result_storage=storage, persist_result=True, result_serializer="json")
+    state = bound(**inputs, return_state=True)
+    artifacts = {k: Artifact(**v) for k, v in state.result().items()}
+    cached = state.is_completed() and state.name == "Cached"
+    if cached and not all(a.is_intact() for a in artifacts.values()):
+        state = bound.with_options(refresh_cache=True)(**inputs, return_state=True)
+        artifacts = {k: Artifact(**v) for k, v in state.result().items()}
+        cached = False
+    return artifacts, cached
+
