@@ -6,27 +6,35 @@ so a run in the Prefect UI shows exactly what was asked for and can be re-run as
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 from prefect import flow
 
+from lesionml import tracking
 from lesionml.config import load_params
 from lesionml.data.source import source_signature
-from tasks import data
+from lesionml.data.split import split_counts
+from tasks import data, model
 from tasks._stage import run_stage
-
-DATA_STAGES = ("ingest", "preprocess", "split", "normalize", "augment")
-
 
 @flow(name="lesionml-pipeline", log_prints=True)
 def pipeline(
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
-    until: Literal["ingest", "augment"] = "augment",
+    until: Literal["ingest", "augment", "evaluate"] = "evaluate",
 ) -> dict:
-    """ingest -> preprocess -> split -> normalize -> augment; returns artifacts and cache hits."""
+    """ingest -> preprocess -> split -> normalize -> augment -> (train -> evaluate) per model.
+
+    Returns the artifacts and which stages were cache hits. With training included, the
+    tracking store is checked first: an unreachable MLflow fails the run in seconds, not
+    after the data stages and an hour of training.
+    """
     params = load_params(params_file, overrides or [])
+    experiment_id = tracking.connect(params.tracking) if until == "evaluate" else None
     cfg = params.data
     ws = cfg.workspace
     workspace = str(ws)
@@ -67,8 +75,8 @@ def pipeline(
         "split",
         run_stage(data.split_task, ws, metadata_csv=prep["metadata"], workspace=workspace, params=params.section("split")),
     )
-    record("normalize", run_stage(data.normalize_task, ws, images_npz=prep["images"], split_csv=split["split"], workspace=workspace))
-    record(
+    norm = record("normalize", run_stage(data.normalize_task, ws, images_npz=prep["images"], split_csv=split["split"], workspace=workspace))
+    aug = record(
         "augment",
         run_stage(
             data.augment_task,
@@ -79,4 +87,60 @@ def pipeline(
             params=params.section("augment"),
         ),
     )
-    return {"cached": cached, "artifacts": artifacts, "workspace": workspace}
+    result = {"cached": cached, "artifacts": artifacts, "workspace": workspace}
+    if until != "evaluate":
+        return result
+    parent = _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, Path(params_file).parent)
+    ok = False
+    try:
+        for name in params.models.enabled:
+            trained = record(
+                f"train.{name}",
+                run_stage(
+                    model.train,
+                    ws,
+                    name=name,
+                    images_npz=prep["images"],
+                    split_csv=split["split"],
+                    stats_json=norm["stats"],
+                    workspace=workspace,
+                    params=params.model_dump(mode="json"),
+                    run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name})),
+                ),
+            )
+            record(
+                f"evaluate.{name}",
+                run_stage(
+                    model.evaluate,
+                    ws,
+                    name=name,
+                    model_keras=trained["model"],
+                    summary_json=trained["summary"],
+                    images_npz=prep["images"],
+                    split_csv=split["split"],
+                    workspace=workspace,
+                ),
+            )
+        ok = True
+    finally:
+        model_stages = [s for s in cached if s.startswith(("train.", "evaluate."))]
+        tracking.set_tags(parent, {"lesionml.all_cached": str(all(cached.get(s, False) for s in model_stages)).lower()})
+        tracking.end_run(parent, ok=ok)
+    result["mlflow_run_id"] = parent
+    result["tracking_uri"] = tracking.tracking_uri(params.tracking)
+    return result
+
+
+def _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, root: Path) -> str:
+    """The parent MLflow run: params, data fingerprint, split sizes, code version, data artifacts."""
+    release = json.loads(Path(ingested["release"]["path"]).read_text())
+    counts = split_counts(pd.read_csv(split["split"]["path"]))
+    tags = {"lesionml.data_fingerprint": release["fingerprint"], "git_commit": tracking.git_commit(root)}
+    run_id = tracking.start_run(experiment_id, "pipeline", tags)
+    extra = {f"split.n_{s}": int(counts.loc["total", s]) for s in counts.columns}
+    extra.update({"data.fingerprint": release["fingerprint"], "data.n_images": release["images"]})
+    tracking.log_params(run_id, params, extra)
+    tracking.log_artifact(run_id, aug["preview"]["path"], "data")
+    tracking.log_artifact(run_id, norm["stats"]["path"], "data")
+    tracking.log_text(run_id, counts.to_string(), "data/split_counts.txt")
+    return run_id

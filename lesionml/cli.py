@@ -41,7 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", choices=["data"], help="run only part of the pipeline (data: ingest .. augment)")
     ingest = sub.add_parser("ingest", help="validate a HAM10000 release and record its manifest and fingerprint")
     _common(ingest)
+    ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store (127.0.0.1 only)")
+    ui.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: not reachable from other machines)")
     return parser
+
+
+def _ui(args: argparse.Namespace) -> None:
+    import subprocess
+
+    from lesionml.config import load_params
+    from lesionml.tracking import tracking_uri
+
+    uri = tracking_uri(load_params(args.params).tracking)
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    raise SystemExit(subprocess.call(cmd))
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -58,7 +74,7 @@ def _quiet_environment() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _print_data_summary(result: dict, seconds: float) -> None:
+def _print_summary(result: dict, seconds: float) -> None:
     import pandas as pd
 
     from lesionml.data.split import split_counts
@@ -77,12 +93,34 @@ def _print_data_summary(result: dict, seconds: float) -> None:
         with np.load(arts["preprocess.images"]["path"]) as npz:
             shape = npz["images"].shape
         print(f"\nimage array  {shape[0]} x {shape[1]}x{shape[2]}x{shape[3]} uint8 (N x height x width x RGB)")
+    _print_model_results(arts)
+    if result.get("mlflow_run_id"):
+        print(f"mlflow run   {result['mlflow_run_id']} in {result['tracking_uri']}  (browse: lesionml ui)")
     stages = ", ".join(f"{s} ({'cached' if hit else 'ran'})" for s, hit in result["cached"].items())
     print(f"stages       {stages}")
     print(f"outputs      {result['workspace']}")
     for name, art in arts.items():
         print(f"  {name:<20} {art['path']}")
     print(f"done in {seconds:.1f} s")
+
+
+def _print_model_results(arts: dict) -> None:
+    rows = []
+    for key, art in arts.items():
+        if key.startswith("evaluate.") and key.endswith(".metrics"):
+            name = key.split(".")[1]
+            metrics = json.loads(Path(art["path"]).read_text())
+            summary = json.loads(Path(arts[f"train.{name}.summary"]["path"]).read_text())
+            for split in ("val", "test"):
+                m = metrics[split]
+                rows.append(
+                    f"  {name:<9} {split:<5} {m['accuracy']:>8.3f} {m['balanced_accuracy']:>9.3f} {m['macro_f1']:>8.3f} "
+                    f"{m.get('roc_auc_macro', float('nan')):>8.3f} {m['mel_sensitivity']:>8.3f}   "
+                    f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['train_seconds']:.0f} s"
+                )
+    if rows:
+        print("\nmodel     split  accuracy  bal.acc  macro-F1  AUC     mel.sens  training")
+        print("\n".join(rows))
 
 
 def _run_pipeline(args: argparse.Namespace, until: str) -> None:
@@ -95,16 +133,18 @@ def _run_pipeline(args: argparse.Namespace, until: str) -> None:
 
     started = time.perf_counter()
     result = pipeline(params_file=str(Path(args.params).resolve()), overrides=overrides, until=until)
-    _print_data_summary(result, time.perf_counter() - started)
+    _print_summary(result, time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            _run_pipeline(args, until="augment")
+            _run_pipeline(args, until="augment" if args.only == "data" else "evaluate")
         elif args.command == "ingest":
             _run_pipeline(args, until="ingest")
+        elif args.command == "ui":
+            _ui(args)
     except LesionMLError as exc:
         print(f"lesionml: error: {exc}", file=sys.stderr)
         return exc.exit_code

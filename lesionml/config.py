@@ -8,7 +8,7 @@ being silently ignored and producing a run that differs from what the user asked
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -63,10 +63,75 @@ class AugmentConfig(_Section):
     preview_images: int = Field(8, ge=1, le=32)
 
 
+# The names lesionml.models can build; one config section per name below.
+MODEL_NAMES = ("cnn", "cnn_lstm")
+
+
+class CNNConfig(_Section):
+    """MODEL1: conv blocks (convs + batch norm + max pool + dropout), Flatten, two Dense."""
+
+    filters: tuple[int, ...] = (32, 64, 128)
+    convs_per_block: int = Field(2, ge=1, le=4)
+    kernel_size: int = Field(3, ge=1, le=11)
+    dropout: float = Field(0.25, ge=0, lt=1)
+    dense_units: int = Field(128, ge=1)
+    dense_dropout: float = Field(0.5, ge=0, lt=1)
+
+
+class CNNLSTMConfig(_Section):
+    """MODEL2: conv front (conv + batch norm + max pool), rows of the map read by an LSTM."""
+
+    filters: tuple[int, ...] = (32, 64, 128)
+    kernel_size: int = Field(3, ge=1, le=11)
+    dropout: float = Field(0.25, ge=0, lt=1)
+    lstm_units: int = Field(64, ge=1)
+    bidirectional: bool = False
+    dense_units: int = Field(64, ge=1)
+    dense_dropout: float = Field(0.5, ge=0, lt=1)
+
+
+class ModelsConfig(_Section):
+    enabled: tuple[str, ...] = ("cnn", "cnn_lstm")
+    cnn: CNNConfig = CNNConfig()
+    cnn_lstm: CNNLSTMConfig = CNNLSTMConfig()
+
+    @model_validator(mode="after")
+    def _check_enabled(self) -> "ModelsConfig":
+        unknown = [m for m in self.enabled if m not in MODEL_NAMES]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; known models: {', '.join(MODEL_NAMES)}")
+        if not self.enabled:
+            raise ValueError("enable at least one model")
+        return self
+
+
+class TrainConfig(_Section):
+    seed: int = 42
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=4096)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    class_weighting: bool = True
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    early_stopping_patience: int = Field(5, ge=1)
+    lr_patience: int = Field(2, ge=1)
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    min_lr: float = Field(1e-5, ge=0)
+    deterministic: bool = False
+
+
+class TrackingConfig(_Section):
+    uri: str = "sqlite:///mlruns.db"
+    artifacts: Path = Path("mlartifacts")
+    experiment: str = Field("lesionml", min_length=1)
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
     augment: AugmentConfig = AugmentConfig()
+    models: ModelsConfig = ModelsConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def resolve_paths(self, root: Path) -> "Params":
         """Anchor relative paths at the folder of params.yaml, so commands work from any cwd."""
@@ -76,7 +141,25 @@ class Params(_Section):
                 "workspace": (root / self.data.workspace).resolve(),
             }
         )
-        return self.model_copy(update={"data": data})
+        tracking = self.tracking.model_copy(update={"artifacts": (root / self.tracking.artifacts).resolve()})
+        if self.tracking.uri.startswith("sqlite:///") and not self.tracking.uri.startswith("sqlite:////"):
+            db = (root / self.tracking.uri.removeprefix("sqlite:///")).resolve()
+            tracking = tracking.model_copy(update={"uri": f"sqlite:///{db}"})
+        return self.model_copy(update={"data": data, "tracking": tracking})
+
+    def flat(self) -> dict[str, Any]:
+        """Every param as `section.key` -> value: how MLflow and DVC show them."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = node
+
+        walk("", self.model_dump(mode="json"))
+        return out
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain JSON-able data: what tasks hash into their cache keys."""

@@ -26,7 +26,10 @@ from lesionml.io import Artifact
 NOT_IN_KEY = frozenset({"workers"})
 
 
-def stage_cache_key(*modules: ModuleType) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+def stage_cache_key(
+    *modules: ModuleType, select: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+) -> Callable[[TaskRunContext, dict[str, Any]], str]:
+    """`select` picks the inputs that define the result (default: all but NOT_IN_KEY)."""
     code = hashlib.sha256()
     for module in modules:
         code.update(Path(inspect.getfile(module)).read_bytes())
@@ -37,7 +40,7 @@ def stage_cache_key(*modules: ModuleType) -> Callable[[TaskRunContext, dict[str,
         h.update(ctx.task.name.encode())
         h.update(inspect.getsource(ctx.task.fn).encode())
         h.update(code_digest.encode())
-        kept = {k: v for k, v in inputs.items() if k not in NOT_IN_KEY}
+        kept = select(inputs) if select else {k: v for k, v in inputs.items() if k not in NOT_IN_KEY}
         h.update(json.dumps(kept, sort_keys=True, default=str).encode())
         return f"{ctx.task.name}-{h.hexdigest()[:32]}"
 

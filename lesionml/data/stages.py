@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,56 +24,18 @@ from lesionml.data.source import build_manifest, release_fingerprint
 from lesionml.data.split import split_by_lesion
 from lesionml.errors import DataError
 from lesionml.io import Artifact, atomic_path, write_json
+from lesionml.workspace import Workspace
 
 Progress = Callable[[int], None]
 
 
-@dataclass(frozen=True)
-class Workspace:
-    """Where each stage's outputs live; fixed paths, so DVC can declare them as outs."""
-
-    root: Path
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "ingest" / "manifest.csv"
-
-    @property
-    def release(self) -> Path:
-        return self.root / "ingest" / "release.json"
-
-    @property
-    def metadata(self) -> Path:
-        return self.root / "preprocess" / "metadata.csv"
-
-    @property
-    def images(self) -> Path:
-        return self.root / "preprocess" / "images.npz"
-
-    @property
-    def split(self) -> Path:
-        return self.root / "split" / "split.csv"
-
-    @property
-    def stats(self) -> Path:
-        return self.root / "normalize" / "stats.json"
-
-    @property
-    def augment_spec(self) -> Path:
-        return self.root / "augment" / "spec.json"
-
-    @property
-    def augment_preview(self) -> Path:
-        return self.root / "augment" / "preview.png"
-
-
-def _write_csv(path: Path, df: pd.DataFrame) -> Artifact:
+def write_csv(path: Path, df: pd.DataFrame) -> Artifact:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
     return Artifact.of(path)
 
 
-def _read_csv(artifact: Artifact) -> pd.DataFrame:
+def read_csv(artifact: Artifact) -> pd.DataFrame:
     if not artifact.is_intact():
         raise DataError(f"{artifact.path}: changed or missing since it was produced; re-run the pipeline")
     return pd.read_csv(artifact.path, keep_default_na=False, dtype={"member": str})
@@ -83,7 +44,7 @@ def _read_csv(artifact: Artifact) -> pd.DataFrame:
 def ingest(source: Path, ws: Workspace, max_archive_bytes: int) -> dict[str, Artifact]:
     """Validate the release at `source` and record its manifest and fingerprint."""
     manifest = build_manifest(source, max_archive_bytes)
-    out = {"manifest": _write_csv(ws.manifest, manifest)}
+    out = {"manifest": write_csv(ws.manifest, manifest)}
     write_json(
         ws.release,
         {
@@ -99,17 +60,17 @@ def ingest(source: Path, ws: Workspace, max_archive_bytes: int) -> dict[str, Art
 
 def preprocess(manifest: Artifact, ws: Workspace, cfg: DataConfig, progress: Progress | None = None) -> dict[str, Artifact]:
     """Clean metadata and decode every image to cfg.image_size, in manifest order."""
-    table = _read_csv(manifest)
+    table = read_csv(manifest)
     metadata = clean_metadata(table)
     locations = list(zip(table.file, table.member))
     images = load_images(locations, tuple(cfg.image_size), cfg.max_image_pixels, cfg.workers, progress)
     save_image_array(ws.images, images, metadata.image_id.tolist())
-    return {"metadata": _write_csv(ws.metadata, metadata), "images": Artifact.of(ws.images)}
+    return {"metadata": write_csv(ws.metadata, metadata), "images": Artifact.of(ws.images)}
 
 
 def split(metadata: Artifact, ws: Workspace, cfg: SplitConfig) -> dict[str, Artifact]:
-    assignment = split_by_lesion(_read_csv(metadata), cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    return {"split": _write_csv(ws.split, assignment)}
+    assignment = split_by_lesion(read_csv(metadata), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    return {"split": write_csv(ws.split, assignment)}
 
 
 def load_split_images(images: Artifact, split: Artifact, which: str) -> tuple[np.ndarray, pd.DataFrame]:
@@ -117,7 +78,7 @@ def load_split_images(images: Artifact, split: Artifact, which: str) -> tuple[np
     if not images.is_intact():
         raise DataError(f"{images.path}: changed or missing since it was produced; re-run the pipeline")
     pixels, ids = load_image_array(images.path)
-    rows = _read_csv(split)
+    rows = read_csv(split)
     rows = rows[rows.split == which].reset_index(drop=True)
     index = pd.Series(np.arange(len(ids)), index=ids)
     missing = rows.image_id[~rows.image_id.isin(index.index)]

@@ -1,0 +1,63 @@
+"""Prefect tasks for the model stages: train one model, evaluate one model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from lesionml import evaluation, model_stages, models, training
+from lesionml.config import Params
+from lesionml.io import Artifact
+from lesionml.tracking import RunContext
+from lesionml.workspace import Workspace
+from tasks._stage import as_dicts, retry_transient, stage_cache_key
+
+
+def _train_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Only what defines the trained weights; tracking and unrelated params stay out of the key."""
+    p = inputs["params"]
+    return {
+        "name": inputs["name"],
+        "artifacts": [inputs["images_npz"], inputs["split_csv"], inputs["stats_json"]],
+        "workspace": inputs["workspace"],
+        "model": p["models"][inputs["name"]],
+        "train": p["train"],
+        "augment": p["augment"],
+    }
+
+
+@task(
+    name="train",
+    cache_key_fn=stage_cache_key(model_stages, models, training, *models.modules(), select=_train_key_inputs),
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_transient,
+)
+def train(
+    name: str, images_npz: dict, split_csv: dict, stats_json: dict, workspace: str, params: dict, run: dict | None
+) -> dict:
+    out = model_stages.train(
+        name,
+        Artifact(**images_npz),
+        Artifact(**split_csv),
+        Artifact(**stats_json),
+        Workspace(Path(workspace)),
+        Params.model_validate(params),
+        RunContext(**run) if run else None,
+    )
+    return as_dicts(out)
+
+
+@task(name="evaluate", cache_key_fn=stage_cache_key(model_stages, evaluation), retries=1, retry_condition_fn=retry_transient)
+def evaluate(name: str, model_keras: dict, summary_json: dict, images_npz: dict, split_csv: dict, workspace: str) -> dict:
+    out = model_stages.evaluate(
+        name,
+        Artifact(**model_keras),
+        Artifact(**summary_json),
+        Artifact(**images_npz),
+        Artifact(**split_csv),
+        Workspace(Path(workspace)),
+    )
+    return as_dicts(out)
