@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, SAMPLE, write_params
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
@@ -18,14 +18,13 @@ def full_run(tmp_path_factory):
     from flows.pipeline import pipeline
 
     tmp = tmp_path_factory.mktemp("full")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(source=str(ROOT / "data" / "sample"), workspace=str(tmp / "ws"), image_size=[32, 40])
-    params["tracking"].update(uri=f"sqlite:///{tmp / 'mlruns.db'}", artifacts=str(tmp / "artifacts"))
-    params["train"].update(epochs=2, batch_size=32)
-    params["models"]["cnn"].update(filters=[8, 16], dense_units=16)
-    params["models"]["cnn_lstm"].update(filters=[8, 16], lstm_units=8, dense_units=8)
-    params_file = tmp / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params))
+    models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
+    models["cnn"].update(filters=[8, 16], dense_units=16)
+    models["cnn_lstm"].update(filters=[8, 16], lstm_units=8, dense_units=8)
+    params_file = write_params(
+        tmp, SAMPLE, data={"image_size": [32, 40]}, train={"epochs": 2, "batch_size": 32}, models=models
+    )
+    params = yaml.safe_load(params_file.read_text())
     first = pipeline(params_file=str(params_file))
     second = pipeline(params_file=str(params_file))
     return params, first, second

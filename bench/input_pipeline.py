@@ -1,0 +1,79 @@
+"""Training input throughput: lesionml's tf.data pipeline with on-the-fly augmentation
+against a bare `model.fit` on in-memory arrays without augmentation (same model, same batch).
+
+The question it answers: does augmenting on the fly slow training down? A ratio near 1
+means the augmentation work hides behind the model's own compute.
+
+    .venv/bin/python bench/input_pipeline.py [--source ../shared/data/ham10000] [--images 2048] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "ham10000")
+    ap.add_argument("--images", type=int, default=2048, help="training images per epoch")
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per side (after one warm-up epoch)")
+    ap.add_argument("--model", default="cnn", choices=["cnn", "cnn_lstm"])
+    args = ap.parse_args()
+
+    import keras
+
+    from lesionml.config import load_params
+    from lesionml.data.augment import build_augmenter, make_dataset
+    from lesionml.data.images import load_images
+    from lesionml.data.metadata import CLASSES, read_metadata
+    from lesionml.data.normalize import fit_stats
+    from lesionml.data.source import find_images
+    from lesionml.models import build_model
+    from lesionml.training import seed_everything
+
+    if not (args.source / "HAM10000_metadata.csv").is_file():
+        print(f"no HAM10000 release at {args.source}", file=sys.stderr)
+        return 2
+    params = load_params(ROOT / "params.yaml")
+    meta = read_metadata(args.source / "HAM10000_metadata.csv").iloc[: args.images]
+    where = find_images(args.source, params.data.max_archive_bytes)
+    locs = [(where[i].file, where[i].member) for i in meta.image_id]
+    images = load_images(locs, tuple(params.data.image_size), params.data.max_image_pixels, params.data.workers)
+    labels = meta.dx.map({c: i for i, c in enumerate(CLASSES)}).to_numpy(np.int64)
+    stats = fit_stats(images)
+    batch = params.train.batch_size
+    print(f"{len(images)} images {images.shape[1]}x{images.shape[2]}, model {args.model}, batch {batch}, "
+          f"{args.epochs} timed epochs per side after 1 warm-up epoch")
+
+    def timed(make_input) -> float:
+        seed_everything(0)
+        model = build_model(args.model, getattr(params.models, args.model), images.shape[1:3], stats, len(CLASSES))
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        fit_args = make_input()
+        model.fit(**fit_args, epochs=1, verbose=0)  # warm-up: graph tracing, allocations
+        started = time.perf_counter()
+        model.fit(**fit_args, epochs=args.epochs, verbose=0)
+        return len(images) * args.epochs / (time.perf_counter() - started)
+
+    floats = images.astype(np.float32)
+    bare = timed(lambda: {"x": floats, "y": labels, "batch_size": batch, "shuffle": True})
+    augmenter = build_augmenter(params.augment)
+    pipeline = timed(lambda: {"x": make_dataset(images, labels, batch, augmenter=augmenter, shuffle_seed=0)})
+    print(f"{'bare model.fit on in-memory arrays, no augmentation':<58} {bare:8.1f} img/s")
+    print(f"{'lesionml tf.data pipeline with on-the-fly augmentation':<58} {pipeline:8.1f} img/s")
+    print(f"ratio pipeline/bare: {pipeline / bare:.2f}x (goal >= 0.9x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

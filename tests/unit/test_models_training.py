@@ -1,0 +1,135 @@
+"""Model builders, class weights, best-weights restore, resume after interruption, determinism."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lesionml.config import MODEL_NAMES, CNNConfig, CNNLSTMConfig, TrainConfig
+from lesionml.data.normalize import NormStats
+from lesionml.models import _builders, build_model
+from lesionml.training import class_weights, fit
+
+STATS = NormStats((120.0, 100.0, 90.0), (40.0, 35.0, 30.0), 10)
+TINY_CNN = CNNConfig(filters=(4, 8), convs_per_block=1, dense_units=8)
+TINY_LSTM = CNNLSTMConfig(filters=(4, 8), lstm_units=4, dense_units=4)
+
+
+def test_registry_builds_exactly_the_configurable_models():
+    assert tuple(_builders()) == MODEL_NAMES
+    with pytest.raises(KeyError, match="unknown model 'resnet'"):
+        build_model("resnet", TINY_CNN, (32, 40), STATS, 7)
+
+
+@pytest.mark.parametrize("name,cfg", [("cnn", TINY_CNN), ("cnn_lstm", TINY_LSTM)])
+def test_models_map_raw_pixels_to_class_probabilities(name, cfg):
+    model = build_model(name, cfg, (32, 40), STATS, 7)
+    assert model.input_shape == (None, 32, 40, 3)
+    proba = np.asarray(model(np.full((2, 32, 40, 3), 128.0, np.float32)))
+    assert proba.shape == (2, 7)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    norm = model.get_layer("zscore_train_stats")
+    np.testing.assert_allclose(np.asarray(norm.mean).ravel(), STATS.mean)
+
+
+def test_cnn_lstm_reads_the_feature_map_row_by_row():
+    model = build_model("cnn_lstm", TINY_LSTM, (32, 40), STATS, 7)
+    seq = model.get_layer("rows_as_sequence").output.shape
+    # two 2x poolings: 32x40 -> 8x10 map of 8 channels -> 8 steps (rows) of 10*8 features
+    assert tuple(seq) == (None, 8, 80)
+
+
+def test_class_weights_are_balanced_and_cover_absent_classes():
+    labels = np.array([5] * 60 + [4] * 30 + [0] * 10)
+    w = class_weights(labels, 7)
+    assert set(w) == set(range(7))
+    assert w[0] == pytest.approx(100 / (3 * 10))
+    assert w[5] == pytest.approx(100 / (3 * 60))
+    assert w[1] == 1.0  # absent from training: neutral
+
+
+def _data(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 255, (n, 32, 40, 3)).astype(np.uint8)
+    y = rng.integers(0, 7, n).astype(np.int64)
+    return x, y
+
+
+def test_fit_restores_best_epoch_and_writes_complete_model(tmp_path):
+    import keras
+
+    x, y = _data()
+    cfg = TrainConfig(epochs=3, batch_size=16, early_stopping_patience=5)
+    model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
+    result = fit(model, (x, y), (x[:16], y[:16]), cfg, tmp_path / "work", tmp_path / "model.keras", n_classes=7)
+    history = pd.read_csv(result.history_path)
+    assert list(history.epoch) == [1, 2, 3]
+    assert result.best_epoch == int(history.val_loss.idxmin()) + 1
+    assert result.best_value == pytest.approx(history.val_loss.min())
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x[:16], verbose=0), model.predict(x[:16], verbose=0), rtol=1e-5)
+    assert not list(tmp_path.glob(".*tmp*")), "no temp files left behind"
+
+
+def test_interrupted_training_resumes_from_last_epoch(tmp_path):
+    x, y = _data()
+    cfg = TrainConfig(epochs=3, batch_size=16)
+
+    def crash_after_second_epoch(epoch: int, metrics: dict) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt  # like Ctrl-C, after epoch 2's history row was written
+
+    seen: list[int] = []
+    model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, (x, y), (x[:16], y[:16]), cfg, tmp_path / "work", tmp_path / "model.keras", n_classes=7,
+            epoch_hooks=[crash_after_second_epoch])
+    assert not (tmp_path / "model.keras").exists(), "an interrupted run must not leave a model file"
+    first = pd.read_csv(tmp_path / "work" / "history.csv")
+    assert list(first.epoch) == [1, 2]
+
+    seen.clear()
+    model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
+    result = fit(model, (x, y), (x[:16], y[:16]), cfg, tmp_path / "work", tmp_path / "model.keras", n_classes=7,
+                 epoch_hooks=[lambda e, m: seen.append(e)])
+    assert seen == [3], "the resumed run trains only the epoch it had not finished"
+    history = pd.read_csv(result.history_path)
+    assert list(history.epoch) == [1, 2, 3]
+    pd.testing.assert_frame_equal(history.iloc[:2], first)
+    best = json.loads((tmp_path / "work" / "best.json").read_text())
+    assert best["epoch"] == int(history.val_loss.idxmin()) + 1
+
+
+DETERMINISM_SCRIPT = """
+import sys, numpy as np
+from lesionml.config import CNNConfig, TrainConfig
+from lesionml.data.normalize import NormStats
+from lesionml.models import build_model
+from lesionml.training import fit, seed_everything
+seed_everything(7, deterministic=True)
+rng = np.random.default_rng(0)
+x = rng.integers(0, 255, (32, 24, 24, 3)).astype(np.uint8); y = rng.integers(0, 7, 32)
+model = build_model("cnn", CNNConfig(filters=(4,), convs_per_block=1, dense_units=4), (24, 24),
+                    NormStats((0.,0.,0.), (1.,1.,1.), 1), 7)
+fit(model, (x, y), (x, y), TrainConfig(epochs=2, batch_size=8, seed=7, deterministic=True),
+    __import__("pathlib").Path(sys.argv[1]), __import__("pathlib").Path(sys.argv[2]), n_classes=7)
+np.save(sys.argv[3], np.concatenate([w.ravel() for w in model.get_weights()]))
+"""
+
+
+def test_same_seed_with_determinism_gives_identical_weights(tmp_path):
+    weights = []
+    for k in range(2):
+        out = tmp_path / f"w{k}.npy"
+        subprocess.run(
+            [sys.executable, "-c", DETERMINISM_SCRIPT, str(tmp_path / f"work{k}"), str(tmp_path / f"m{k}.keras"), str(out)],
+            check=True, capture_output=True,
+        )
+        weights.append(np.load(out))
+    np.testing.assert_array_equal(weights[0], weights[1])
