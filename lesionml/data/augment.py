@@ -3,7 +3,7 @@
 Augmenting in the input pipeline (instead of writing augmented copies to disk) gives
 every epoch fresh views of each training image at no storage cost, and runs on the
 tf.data thread pool in parallel with training. Every random layer is seeded, so a run
-is repeatable.
+is repeatable (given the global seed that training sets first).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def make_dataset(
 ) -> "tf.data.Dataset":
     """uint8 images -> batches of float32 pixels (0-255), augmented when `augmenter` is given.
 
-    Augmentation runs on whole batches (vectorised) in parallel map calls, and the next
-    batches are prefetched while the model trains on the current one.
+    Augmentation runs on whole batches (vectorised), and the next batches are
+    prefetched while the model trains on the current one.
     """
     import tensorflow as tf
 
@@ -73,7 +73,11 @@ def make_dataset(
         ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if augmenter is not None and augmenter.layers:
-        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        # One map call at a time: the layers draw from stateful seed generators, and
+        # batches augmented concurrently would take the random draws in a racy order,
+        # making a seeded run unrepeatable. Each call is vectorised over the batch and
+        # uses TensorFlow's intra-op threads, and prefetch overlaps it with training.
+        ds = ds.map(lambda x, y: (augmenter(x, training=True), y))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
