@@ -90,8 +90,10 @@ def pipeline(
     result = {"cached": cached, "artifacts": artifacts, "workspace": workspace}
     if until != "evaluate":
         return result
-    parent = _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, Path(params_file).parent)
+    commit = tracking.git_commit(Path(params_file).parent)
+    parent = _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, commit)
     ok = False
+    evaluated: dict[str, dict] = {}
     try:
         for name in params.models.enabled:
             trained = record(
@@ -108,7 +110,8 @@ def pipeline(
                     run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name})),
                 ),
             )
-            record(
+            evaluated[name] = {"model": trained["model"], "summary": trained["summary"]}
+            evaluated[name] |= record(
                 f"evaluate.{name}",
                 run_stage(
                     model.evaluate,
@@ -121,9 +124,26 @@ def pipeline(
                     workspace=workspace,
                 ),
             )
+        registered = record(
+            "register",
+            run_stage(
+                model.register,
+                ws,
+                models=evaluated,
+                manifest_csv=ingested["manifest"],
+                release_json=ingested["release"],
+                split_csv=split["split"],
+                workspace=workspace,
+                params=params.model_dump(mode="json"),
+                git_commit=commit,
+            ),
+        )
+        decision = json.loads(Path(registered["decision"]["path"]).read_text())
+        tracking.set_tags(parent, {"lesionml.promoted": str(decision["promote"]).lower(),
+                                   "lesionml.registry_decision": decision["reason"]})
         ok = True
     finally:
-        model_stages = [s for s in cached if s.startswith(("train.", "evaluate."))]
+        model_stages = [s for s in cached if s.startswith(("train.", "evaluate.", "register"))]
         tracking.set_tags(parent, {"lesionml.all_cached": str(all(cached.get(s, False) for s in model_stages)).lower()})
         tracking.end_run(parent, ok=ok)
     result["mlflow_run_id"] = parent
@@ -131,11 +151,11 @@ def pipeline(
     return result
 
 
-def _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, root: Path) -> str:
+def _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, commit: str) -> str:
     """The parent MLflow run: params, data fingerprint, split sizes, code version, data artifacts."""
     release = json.loads(Path(ingested["release"]["path"]).read_text())
     counts = split_counts(pd.read_csv(split["split"]["path"]))
-    tags = {"lesionml.data_fingerprint": release["fingerprint"], "git_commit": tracking.git_commit(root)}
+    tags = {"lesionml.data_fingerprint": release["fingerprint"], "git_commit": commit}
     run_id = tracking.start_run(experiment_id, "pipeline", tags)
     extra = {f"split.n_{s}": int(counts.loc["total", s]) for s in counts.columns}
     extra.update({"data.fingerprint": release["fingerprint"], "data.n_images": release["images"]})

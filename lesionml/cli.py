@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", choices=["data"], help="run only part of the pipeline (data: ingest .. augment)")
     ingest = sub.add_parser("ingest", help="validate a HAM10000 release and record its manifest and fingerprint")
     _common(ingest)
+    predict = sub.add_parser("predict", help="classify image files or folders with a registered model")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--model", help="NAME@ALIAS (default: <registry.model_name>@champion)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
+    compare = sub.add_parser("compare", help="table of the models of the last run(s), logged to MLflow too")
+    compare.add_argument("--last", type=int, default=1, help="pipeline runs to include (default 1)")
+    compare.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store (127.0.0.1 only)")
     ui.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
     ui.add_argument("--port", type=int, default=5000)
@@ -136,6 +144,86 @@ def _run_pipeline(args: argparse.Namespace, until: str) -> None:
     _print_summary(result, time.perf_counter() - started)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from lesionml import tracking
+    from lesionml.config import load_params
+    from lesionml.data.metadata import CLASS_NAMES, CLASSES
+    from lesionml.inference import expand_inputs, read_files
+
+    params = load_params(args.params)
+    tracking.connect(params.tracking)
+    name, _, alias = (args.model or f"{params.registry.model_name}@champion").partition("@")
+    alias = alias or "champion"
+    if tracking.alias_version(name, alias) is None:
+        known = tracking.aliases(name)
+        have = ", ".join(f"{name}@{a} (v{v})" for a, v in sorted(known.items())) or f"none: '{name}' has no aliased version"
+        raise LesionMLError(f"model {name}@{alias} does not exist; aliases that do: {have}")
+    files = expand_inputs(args.inputs)
+    if not files:
+        raise LesionMLError(f"no image files in {' '.join(args.inputs)}")
+    _quiet_environment()
+    model = tracking.load_pyfunc(f"models:/{name}@{alias}")
+    items = read_files(files)
+    out = model.predict(pd.DataFrame({"image": [data if data is not None else b"" for _, data in items]}))
+    failed = 0
+    for (source, data), row in zip(items, out.itertuples(index=False)):
+        error = row.error.replace("image[", "").split("]: ", 1)[-1] if row.error else ""
+        if data is None:
+            error = "cannot read file"
+        if error:
+            failed += 1
+            print(json.dumps({"source": source, "error": error}) if args.json else f"{source}: error: {error}",
+                  file=sys.stdout if args.json else sys.stderr)
+            continue
+        proba = {c: float(getattr(row, f"p_{c}")) for c in CLASSES}
+        if args.json:
+            print(json.dumps({"source": source, "predicted": row.predicted, "name": CLASS_NAMES[row.predicted],
+                              "probabilities": proba}))
+        else:
+            ranked = "  ".join(f"{c} {p:.3f}" for c, p in sorted(proba.items(), key=lambda kv: -kv[1]))
+            print(f"{source}: {row.predicted} ({CLASS_NAMES[row.predicted]}, {proba[row.predicted]:.1%})  |  {ranked}")
+    if failed:
+        print(f"lesionml: {failed} of {len(items)} files could not be predicted", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from lesionml import tracking
+    from lesionml.config import load_params
+
+    params = load_params(args.params)
+    experiment_id = tracking.connect(params.tracking)
+    runs = tracking.model_runs(experiment_id, args.last)
+    if runs.empty:
+        raise LesionMLError(f"no trained models in experiment '{params.tracking.experiment}' yet; run `lesionml run`")
+
+    def ci(row, key):
+        lo, hi = row.get(f"metrics.eval_test_{key}_ci95_low"), row.get(f"metrics.eval_test_{key}_ci95_high")
+        return f"{row[f'metrics.eval_test_{key}']:.3f} [{lo:.3f}-{hi:.3f}]"
+
+    lines = ["| run | model | test accuracy [95% CI] | balanced accuracy [95% CI] | macro-F1 | AUC | mel sens. | ECE | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, row in runs.iterrows():
+        lines.append(
+            f"| {row.run_id[:8]} | {row['tags.mlflow.runName']} | {ci(row, 'accuracy')} | {ci(row, 'balanced_accuracy')} "
+            f"| {row['metrics.eval_test_macro_f1']:.3f} | {row.get('metrics.eval_test_roc_auc_macro', float('nan')):.3f} "
+            f"| {row['metrics.eval_test_mel_sensitivity']:.3f} | {row['metrics.eval_test_ece']:.3f} "
+            f"| {row['metrics.train_seconds']:.0f} |"
+        )
+    param_cols = [c for c in runs.columns if c.startswith("params.") and runs[c].nunique(dropna=False) > 1]
+    differ = ["", "Params that differ:", ""] + [
+        f"- {c.removeprefix('params.')}: " + ", ".join(f"{r[:8]}={v}" for r, v in zip(runs.run_id, runs[c]))
+        for c in param_cols if c != "params.model.parameters"
+    ]
+    text = "\n".join(lines + (differ if len(differ) > 3 else ["", "All params equal (other than the model)."]))
+    print(text)
+    parent = runs["tags.mlflow.parentRunId"].iloc[0]
+    tracking.log_text(parent, text, "comparison.md")
+    print(f"\n(logged as comparison.md in MLflow run {parent})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -145,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             _run_pipeline(args, until="ingest")
         elif args.command == "ui":
             _ui(args)
+        elif args.command == "predict":
+            return _predict(args)
+        elif args.command == "compare":
+            _compare(args)
     except LesionMLError as exc:
         print(f"lesionml: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -70,10 +70,10 @@ MODEL_NAMES = ("cnn", "cnn_lstm")
 class CNNConfig(_Section):
     """MODEL1: conv blocks (convs + batch norm + max pool + dropout), Flatten, two Dense."""
 
-    filters: tuple[int, ...] = (32, 64, 128)
-    convs_per_block: int = Field(2, ge=1, le=4)
+    filters: tuple[int, ...] = (32, 64, 128, 256)
+    convs_per_block: int = Field(1, ge=1, le=4)
     kernel_size: int = Field(3, ge=1, le=11)
-    dropout: float = Field(0.25, ge=0, lt=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
     dense_units: int = Field(128, ge=1)
     dense_dropout: float = Field(0.5, ge=0, lt=1)
 
@@ -108,7 +108,7 @@ class ModelsConfig(_Section):
 class TrainConfig(_Section):
     seed: int = 42
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, le=1)
     class_weighting: bool = True
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
@@ -125,6 +125,15 @@ class TrackingConfig(_Section):
     experiment: str = Field("lesionml", min_length=1)
 
 
+class RegistryConfig(_Section):
+    """Champion/challenger rule: promote only on a win larger than the test-set noise."""
+
+    model_name: str = Field("lesionml", min_length=1)
+    promotion_metric: Literal["balanced_accuracy", "accuracy", "macro_f1"] = "balanced_accuracy"
+    alpha: float = Field(0.05, gt=0, lt=1)  # one-sided paired-bootstrap significance level
+    bootstrap: int = Field(1000, ge=100, le=100_000)  # resamples of test lesions
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
@@ -132,6 +141,7 @@ class Params(_Section):
     models: ModelsConfig = ModelsConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     def resolve_paths(self, root: Path) -> "Params":
         """Anchor relative paths at the folder of params.yaml, so commands work from any cwd."""

@@ -7,6 +7,8 @@ melanoma sensitivity say whether a model learned the rare, dangerous classes.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,3 +64,75 @@ def predictions_table(rows: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
     for k, c in enumerate(CLASSES):
         out[f"p_{c}"] = proba[:, k]
     return out
+
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: |accuracy - confidence| averaged over equal-width confidence bins.
+
+    scikit-learn has the per-bin curve (calibration_curve) but not this scalar, so the
+    binning is sklearn's and only the weighted average is computed here.
+    """
+    confidence = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
+def _lesion_resamples(lesions: np.ndarray, n: int, seed: int) -> Iterator[np.ndarray]:
+    """Image indices of `n` resamples that draw whole lesions with replacement."""
+    rng = np.random.default_rng(seed)
+    codes, groups = np.unique(lesions, return_inverse=True)
+    members = [np.flatnonzero(groups == g) for g in range(len(codes))]
+    for _ in range(n):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(codes), len(codes))])
+
+
+def lesion_bootstrap(
+    y_true: np.ndarray, y_pred: np.ndarray, lesions: np.ndarray, n: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95% intervals for accuracy and balanced accuracy, resampling lesions (not images).
+
+    Images of one lesion are correlated; resampling them independently would understate
+    the uncertainty, so whole lesions are drawn with replacement.
+    """
+    acc, bal = [], []
+    with warnings.catch_warnings():  # a resample may miss a rare class; that is expected
+        warnings.simplefilter("ignore", UserWarning)
+        for idx in _lesion_resamples(lesions, n, seed):
+            acc.append(skm.accuracy_score(y_true[idx], y_pred[idx]))
+            bal.append(skm.balanced_accuracy_score(y_true[idx], y_pred[idx]))
+    return {
+        "accuracy": (float(np.percentile(acc, 2.5)), float(np.percentile(acc, 97.5))),
+        "balanced_accuracy": (float(np.percentile(bal, 2.5)), float(np.percentile(bal, 97.5))),
+    }
+
+
+def paired_bootstrap(
+    y_true: np.ndarray, pred_new: np.ndarray, pred_old: np.ndarray, lesions: np.ndarray,
+    metric: str = "balanced_accuracy", n: int = 1000, seed: int = 0,
+) -> tuple[float, float]:
+    """(observed metric(new) - metric(old), one-sided p-value that new is not better).
+
+    Both models are scored on the same resampled lesions each time, so the comparison
+    is paired: the noise that is common to both (which lesions happen to be in the test
+    split) cancels out.
+    """
+    score = {
+        "accuracy": skm.accuracy_score,
+        "balanced_accuracy": skm.balanced_accuracy_score,
+        "macro_f1": lambda t, p: skm.f1_score(t, p, average="macro", zero_division=0),
+    }[metric]
+    observed = score(y_true, pred_new) - score(y_true, pred_old)
+    not_better = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for idx in _lesion_resamples(lesions, n, seed):
+            if score(y_true[idx], pred_new[idx]) - score(y_true[idx], pred_old[idx]) <= 0:
+                not_better += 1
+    return float(observed), (not_better + 1) / (n + 1)

@@ -14,13 +14,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesionml import plots, tracking
+from lesionml import model_card, plots, tracking
 from lesionml.config import Params
 from lesionml.data.augment import build_augmenter
 from lesionml.data.metadata import CLASS_NAMES, CLASSES
-from lesionml.data.stages import load_split_images, read_stats, write_csv
-from lesionml.evaluation import classification_metrics, predict_proba, predictions_table
-from lesionml.io import Artifact, write_json
+from lesionml.data.stages import load_split_images, read_csv, read_stats, write_csv
+from lesionml.evaluation import (
+    classification_metrics,
+    expected_calibration_error,
+    lesion_bootstrap,
+    paired_bootstrap,
+    predict_proba,
+    predictions_table,
+)
+from lesionml.io import Artifact, write_json, write_text
 from lesionml.models import build_model
 from lesionml.training import fit, seed_everything
 from lesionml.workspace import Workspace
@@ -133,11 +140,26 @@ def evaluate(
     out = ws.eval_dir(name)
     metrics: dict[str, dict] = {}
     tables = []
+    figures = []
     for which in ("val", "test"):
         x, rows = load_split_images(images, split, which)
         proba = predict_proba(model, x)
-        metrics[which] = classification_metrics(_labels(rows), proba)
-        tables.append(predictions_table(rows, proba).assign(split=which))
+        y = _labels(rows)
+        m = classification_metrics(y, proba)
+        m["ece"] = expected_calibration_error(y, proba)
+        m["ci95"] = lesion_bootstrap(y, proba.argmax(axis=1), rows.lesion_id.to_numpy())
+        metrics[which] = m
+        table = predictions_table(rows, proba)
+        tables.append(table.assign(split=which))
+        label = f"{name}, {which} split ({len(y)} images)"
+        plots.confusion_matrices(y, proba.argmax(axis=1), CLASSES, label, out / f"{which}_confusion.png")
+        plots.roc_curves(y, proba, CLASSES, f"ROC one-vs-rest: {label}", out / f"{which}_roc.png")
+        plots.reliability_diagram(y, proba, f"Reliability: {label}, ECE {m['ece']:.3f}", out / f"{which}_reliability.png")
+        plots.confident_mistakes(
+            x, table.true.tolist(), table.predicted.tolist(), proba.max(axis=1),
+            f"Most confident mistakes: {label}", out / f"{which}_mistakes.png",
+        )
+        figures += [f"{which}_{kind}.png" for kind in ("confusion", "roc", "reliability", "mistakes")]
     write_json(out / "metrics.json", metrics)
     write_csv(out / "predictions.csv", pd.concat(tables, ignore_index=True))
     run_id = json.loads(Path(summary.path).read_text()).get("run_id")
@@ -146,6 +168,93 @@ def evaluate(
         flat = {f"eval_{s}_{k}": v for s, m in metrics.items() for k, v in m.items() if isinstance(v, float)}
         flat.update({f"eval_test_recall_{c}": m["recall"] for c, m in metrics["test"]["per_class"].items()})
         tracking.log_metrics(run_id, flat)
-        tracking.log_artifact(run_id, out / "metrics.json", "evaluation")
-        tracking.log_artifact(run_id, out / "predictions.csv", "evaluation")
+        flat.update({f"eval_{s}_{k}_ci95_{end}": v for s, m in metrics.items() for k, ci in m["ci95"].items()
+                     for end, v in zip(("low", "high"), ci)})
+        for f in ("metrics.json", "predictions.csv", *figures):
+            tracking.log_artifact(run_id, out / f, "evaluation")
     return {"metrics": Artifact.of(out / "metrics.json"), "predictions": Artifact.of(out / "predictions.csv")}
+
+
+def register(
+    models: dict[str, dict[str, Artifact]],
+    manifest: Artifact,
+    release: Artifact,
+    split: Artifact,
+    ws: Workspace,
+    params: Params,
+    git_commit: str,
+) -> dict[str, Artifact]:
+    """Register every evaluated model; move `challenger`, and `champion` only on evidence.
+
+    `models[name]` holds that model's `model`, `summary`, `metrics` and `predictions`.
+    The run's challenger is its best model on the *validation* promotion metric (test is
+    kept for the champion decision). It replaces the champion only if it beats it on the
+    same test images by more than chance (one-sided paired lesion bootstrap at
+    `registry.alpha`). Moving `champion` is the very last action, so a run that fails
+    before it never changes who is champion.
+    """
+    reg = params.registry
+    out = ws.root / "register"
+    rel = json.loads(Path(release.path).read_text())
+    split_rows = read_csv(split)
+    table = split_rows.groupby(["dx", "split"]).size().unstack(fill_value=0).to_string()
+    locations = read_csv(manifest).set_index("image_id")[["file", "member"]]
+    test_rows = split_rows[split_rows.split == "test"].reset_index(drop=True)
+    test_bytes = [_read_location(locations.loc[i]) for i in test_rows.image_id]
+    params_hash = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+    versions: dict[str, str] = {}
+    val_scores: dict[str, float] = {}
+    for name, arts in models.items():
+        summary = json.loads(Path(arts["summary"].path).read_text())
+        metrics = json.loads(Path(arts["metrics"].path).read_text())
+        val_scores[name] = metrics["val"][reg.promotion_metric]
+        uri = tracking.log_classifier(summary["run_id"], Path(arts["model"].path), test_bytes[0])
+        facts = {"architecture": name, "MLflow run": summary["run_id"], "git commit": git_commit,
+                 "params hash": params_hash, "data fingerprint": rel["fingerprint"]}
+        tags = {**facts, **{f"test_{k}": f"{metrics['test'][k]:.4f}" for k in
+                            ("accuracy", "balanced_accuracy", "macro_f1", "mel_sensitivity")}}
+        version = tracking.register(uri, reg.model_name, tags)
+        card = model_card.render(reg.model_name, version, summary, metrics, rel, table, facts)
+        write_text(out / f"model_card_{name}.md", card)
+        tracking.log_artifact(summary["run_id"], out / f"model_card_{name}.md", "model_card")
+        tracking.describe_version(reg.model_name, version, card)
+        versions[name] = version
+
+    best = max(val_scores, key=val_scores.get)
+    tracking.set_alias(reg.model_name, "challenger", versions[best])
+    decision = {"challenger": {"model": best, "version": versions[best]}, "versions": versions,
+                "metric": reg.promotion_metric, "alpha": reg.alpha}
+    champion = tracking.alias_version(reg.model_name, "champion")
+    if champion is None:
+        decision.update(promote=True, reason="no champion yet: the first model becomes champion")
+    else:
+        y = _labels(test_rows)
+        new = read_csv(models[best]["predictions"])
+        new = new[new.split == "test"].set_index("image_id").loc[test_rows.image_id, "predicted"]
+        old = tracking.load_pyfunc(f"models:/{reg.model_name}/{champion.version}").predict(
+            pd.DataFrame({"image": test_bytes})
+        )
+        index = {c: i for i, c in enumerate(CLASSES)}
+        delta, p = paired_bootstrap(
+            y, new.map(index).to_numpy(), old.predicted.map(index).to_numpy(), test_rows.lesion_id.to_numpy(),
+            reg.promotion_metric, reg.bootstrap, params.split.seed,
+        )
+        promote = delta > 0 and p < reg.alpha
+        verdict = "beats" if promote else "does not beat"
+        decision.update(
+            champion={"version": str(champion.version)}, delta=delta, p_value=p, promote=promote,
+            reason=f"challenger v{versions[best]} {verdict} champion v{champion.version} on test "
+                   f"{reg.promotion_metric}: {delta:+.3f}, one-sided p={p:.3f} (alpha {reg.alpha})",
+        )
+    write_json(out / "decision.json", decision)
+    if decision["promote"]:
+        tracking.set_alias(reg.model_name, "champion", versions[best])  # last step
+    print(f"registry: {decision['reason']}")
+    return {"decision": Artifact.of(out / "decision.json")}
+
+
+def _read_location(row: pd.Series) -> bytes:
+    from lesionml.data.source import ImageLocation
+
+    return ImageLocation(row.file, row.member or "").read_bytes()

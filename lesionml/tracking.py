@@ -175,3 +175,92 @@ def log_keras_model(run_id: str, model: "keras.Model", example: "np.ndarray") ->
             pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
         )
     return info.model_uri
+
+
+def log_classifier(run_id: str, keras_file: Path, example_image: bytes) -> str:
+    """Log the servable pyfunc (image bytes in, classes out) beside the Keras model; returns its URI."""
+    import base64
+
+    import keras
+    import mlflow
+    import pandas as pd
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    from lesionml import serving_model
+    from lesionml.data.metadata import CLASSES
+
+    example = pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]})
+    output = pd.DataFrame([{"predicted": "nv", "name": "Melanocytic nevi", "error": "", **{f"p_{c}": 0.0 for c in CLASSES}}])
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="classifier",
+            python_model=serving_model.__file__,  # model from code: nothing pickled
+            artifacts={"keras_model": str(keras_file)},
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas"],
+        )
+    return info.model_uri
+
+
+def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """A new version of registered model `name`; returns the version number."""
+    import mlflow
+
+    c = client()
+    try:
+        c.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        c.create_registered_model(name, description="HAM10000 skin-lesion classifiers trained by lesionml")
+    return str(mlflow.register_model(model_uri, name, tags=tags).version)
+
+
+def describe_version(name: str, version: str, description: str) -> None:
+    client().update_model_version(name, version, description=description)
+
+
+def alias_version(name: str, alias: str):
+    """The ModelVersion behind `name@alias`, or None."""
+    import mlflow
+
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def aliases(name: str) -> dict[str, str]:
+    """alias -> version of a registered model ({} when the model does not exist)."""
+    import mlflow
+
+    try:
+        return dict(client().get_registered_model(name).aliases)
+    except mlflow.exceptions.MlflowException:
+        return {}
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, version)
+
+
+def load_pyfunc(uri: str):
+    import mlflow
+
+    return mlflow.pyfunc.load_model(uri)
+
+
+def model_runs(experiment_id: str, last: int):
+    """The nested model runs of the last `last` pipeline runs that trained or evaluated something."""
+    import mlflow
+
+    parents = mlflow.search_runs(
+        [experiment_id],
+        filter_string="tags.`lesionml.all_cached` = 'false' and attributes.run_name = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=last,
+    )
+    if parents.empty:
+        return parents
+    ids = ", ".join(f"'{r}'" for r in parents.run_id)
+    return mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId IN ({ids})")

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import task
 
-from lesionml import evaluation, model_stages, models, training
+from lesionml import evaluation, model_card, model_stages, models, training
 from lesionml.config import Params
 from lesionml.io import Artifact
 from lesionml.tracking import RunContext
@@ -59,5 +59,31 @@ def evaluate(name: str, model_keras: dict, summary_json: dict, images_npz: dict,
         Artifact(**images_npz),
         Artifact(**split_csv),
         Workspace(Path(workspace)),
+    )
+    return as_dicts(out)
+
+
+def _register_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The evaluated artifacts and the registry rule; the commit and other params stay out."""
+    keep = ("models", "manifest_csv", "release_json", "split_csv", "workspace")
+    return {**{k: inputs[k] for k in keep}, "registry": inputs["params"]["registry"]}
+
+
+@task(
+    name="register",
+    cache_key_fn=stage_cache_key(model_stages, model_card, select=_register_key_inputs),
+    retries=1, retry_condition_fn=retry_transient)
+def register(
+    models: dict, manifest_csv: dict, release_json: dict, split_csv: dict, workspace: str, params: dict, git_commit: str
+) -> dict:
+    """Cached on the evaluated artifacts: re-running an unchanged pipeline registers nothing new."""
+    out = model_stages.register(
+        {name: {k: Artifact(**a) for k, a in arts.items()} for name, arts in models.items()},
+        Artifact(**manifest_csv),
+        Artifact(**release_json),
+        Artifact(**split_csv),
+        Workspace(Path(workspace)),
+        Params.model_validate(params),
+        git_commit,
     )
     return as_dicts(out)

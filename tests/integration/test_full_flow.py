@@ -34,7 +34,7 @@ def test_every_stage_ran_then_everything_was_cached(full_run):
     _, first, second = full_run
     assert set(first["cached"]) == {
         "ingest", "preprocess", "split", "normalize", "augment",
-        "train.cnn", "evaluate.cnn", "train.cnn_lstm", "evaluate.cnn_lstm",
+        "train.cnn", "evaluate.cnn", "train.cnn_lstm", "evaluate.cnn_lstm", "register",
     }
     assert not any(first["cached"].values())
     assert all(second["cached"].values()), second["cached"]
@@ -90,3 +90,106 @@ def test_workspace_model_file_is_complete_and_metrics_written(full_run):
         for split in ("val", "test"):
             assert 0.0 <= metrics[split]["balanced_accuracy"] <= 1.0
             assert set(metrics[split]["per_class"]) == {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
+
+
+def test_registry_has_versions_with_tags_card_and_aliases(full_run):
+    from mlflow import MlflowClient
+
+    params, first, second = full_run
+    client = MlflowClient(params["tracking"]["uri"])
+    name = params["registry"]["model_name"]
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 2, "one version per model; the cached second run registers nothing"
+    decision = json.loads(Path(first["artifacts"]["register.decision"]["path"]).read_text())
+    assert decision["promote"] is True and "first model becomes champion" in decision["reason"]
+    aliases = client.get_registered_model(name).aliases
+    assert str(aliases["champion"]) == str(aliases["challenger"]) == decision["challenger"]["version"]
+    v = client.get_model_version(name, aliases["champion"])
+    assert {"architecture", "git commit", "params hash", "data fingerprint", "test_balanced_accuracy"} <= set(v.tags)
+    assert "Not a medical device" in v.description and "melanoma sensitivity" in v.description
+
+
+def test_champion_moves_only_on_a_significant_win(full_run, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.pipeline import pipeline
+
+    params, first, _ = full_run
+    params_file = Path(first["workspace"]).parent / "params.yaml"
+    third = pipeline(params_file=str(params_file), overrides=["train.seed=5", "train.epochs=1"])
+    decision = json.loads(Path(third["artifacts"]["register.decision"]["path"]).read_text())
+    assert decision["promote"] == (decision["delta"] > 0 and decision["p_value"] < decision["alpha"])
+    client = MlflowClient(params["tracking"]["uri"])
+    aliases = client.get_registered_model(params["registry"]["model_name"]).aliases
+    assert str(aliases["challenger"]) == decision["challenger"]["version"]
+    expected = decision["challenger"]["version"] if decision["promote"] else decision["champion"]["version"]
+    assert str(aliases["champion"]) == expected
+    parent = client.get_run(third["mlflow_run_id"])
+    assert parent.data.tags["lesionml.registry_decision"] == decision["reason"]
+
+
+def test_predict_cli_good_and_bad_files(full_run, tmp_path, capsys):
+    from lesionml.cli import main
+
+    params, first, _ = full_run
+    params_file = str(Path(first["workspace"]).parent / "params.yaml")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for src in sorted((SAMPLE / "images").glob("*.jpg"))[:3]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    (folder / "notes.jpg").write_text("not an image")
+    assert main(["predict", str(folder), "--json", "--params", params_file]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    good = [line for line in lines if "predicted" in line]
+    bad = [line for line in lines if "error" in line]
+    assert len(good) == 3 and len(bad) == 1
+    assert bad[0]["source"].endswith("notes.jpg") and "not an image Pillow can read" in bad[0]["error"]
+    assert all(abs(sum(g["probabilities"].values()) - 1) < 1e-3 and g["name"] for g in good)
+
+    assert main(["predict", str(folder), "--model", "lesionml@nope", "--params", params_file]) == 1
+    err = capsys.readouterr().err
+    assert "model lesionml@nope does not exist; aliases that do: lesionml@challenger" in err
+    assert "lesionml@champion" in err
+
+
+def test_served_model_answers_over_http(full_run, tmp_path):
+    import base64
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    params, _, _ = full_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = Path(sys.executable).parent  # mlflow starts `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": params["tracking"]["uri"], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{params['registry']['model_name']}@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        image = sorted((SAMPLE / "images").glob("*.jpg"))[0].read_bytes()
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}})
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    answer = json.loads(r.read())
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("mlflow models serve did not answer")
+                time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    row = answer["predictions"][0]
+    assert row["predicted"] in {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"} and row["error"] == ""
+    assert abs(sum(row[f"p_{c}"] for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")) - 1) < 1e-3

@@ -1,0 +1,89 @@
+"""Predict new images with a trained model, applying exactly the training preprocessing.
+
+The model's input size comes from the model itself and its normalization statistics are
+its first layer, so the only preprocessing here is the same decode + resize the
+preprocess stage uses (`decode_image`). A file that cannot be read or decoded yields an
+error for that file only; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lesionml.data.images import decode_image
+from lesionml.data.metadata import CLASS_NAMES, CLASSES
+from lesionml.errors import DataError
+
+if TYPE_CHECKING:
+    import keras
+
+MAX_PIXELS = 40_000_000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+
+
+@dataclass
+class Prediction:
+    source: str
+    predicted: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def name(self) -> str | None:
+        return CLASS_NAMES.get(self.predicted) if self.predicted else None
+
+    def to_dict(self) -> dict:
+        if self.error:
+            return {"source": self.source, "error": self.error}
+        return {"source": self.source, "predicted": self.predicted, "name": self.name, "probabilities": self.probabilities}
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders become the image files directly inside them, sorted."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+def predict_images(
+    model: "keras.Model", items: Sequence[tuple[str, bytes | None]], batch_size: int = 64
+) -> list[Prediction]:
+    """(name, bytes) pairs -> one Prediction each, in order; bytes=None means unreadable."""
+    height, width = model.input_shape[1:3]
+    results = [Prediction(source=name) for name, _ in items]
+    arrays: list[np.ndarray] = []
+    ok: list[int] = []
+    for k, (name, data) in enumerate(items):
+        if data is None:
+            results[k].error = f"{name}: cannot read file"
+            continue
+        try:
+            arrays.append(decode_image(data, (height, width), MAX_PIXELS, name))
+            ok.append(k)
+        except DataError as exc:
+            results[k].error = str(exc)
+    if ok:
+        proba = np.asarray(model.predict(np.stack(arrays).astype(np.float32), batch_size=batch_size, verbose=0))
+        for k, p in zip(ok, proba):
+            results[k].predicted = CLASSES[int(p.argmax())]
+            results[k].probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p)}
+    return results
+
+
+def read_files(paths: Sequence[Path]) -> list[tuple[str, bytes | None]]:
+    items: list[tuple[str, bytes | None]] = []
+    for p in paths:
+        try:
+            items.append((str(p), p.read_bytes()))
+        except OSError:
+            items.append((str(p), None))
+    return items

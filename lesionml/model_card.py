@@ -1,0 +1,69 @@
+"""The model card shipped with every registered version: what it is, how good, where not to use it."""
+
+from __future__ import annotations
+
+from lesionml.data.metadata import CLASS_NAMES, CLASSES
+
+
+def _ci(m: dict, key: str) -> str:
+    lo, hi = m["ci95"][key]
+    return f"{m[key]:.3f} (95% CI {lo:.3f}-{hi:.3f})"
+
+
+def render(name: str, version: str, summary: dict, metrics: dict, release: dict, split_table: str, facts: dict) -> str:
+    test, val = metrics["test"], metrics["val"]
+    recall_rows = "\n".join(
+        f"| {c} | {CLASS_NAMES[c]} | {test['per_class'][c]['recall']:.3f} | {test['per_class'][c]['precision']:.3f} "
+        f"| {int(test['per_class'][c]['support'])} |"
+        for c in CLASSES
+    )
+    fact_rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
+    return f"""# Model card: {name} version {version} ({summary['model']})
+
+## What it is
+A {summary['model']} image classifier ({summary['parameters']:,} parameters) for 7 classes of pigmented skin
+lesions in dermatoscopic images, trained from scratch by lesionml on HAM10000. Input: an RGB
+dermatoscopic image of any size (resized to {summary['image_size'][0]}x{summary['image_size'][1]}); output: a probability
+per class. Normalization statistics (training split only) are the model's first layer.
+
+## Data and split
+HAM10000 release with {release['images']} images of {release['lesions']} lesions, content fingerprint
+`{release['fingerprint']}`. Split by lesion (no lesion in two splits), stratified by diagnosis:
+
+```
+{split_table}
+```
+
+Trained {summary['epochs_run']} epochs; weights of epoch {summary['best_epoch']} (best on validation).
+
+## Performance (held-out test split; 95% intervals resample lesions)
+| metric | test | validation |
+|---|---|---|
+| accuracy | {_ci(test, 'accuracy')} | {_ci(val, 'accuracy')} |
+| balanced accuracy | {_ci(test, 'balanced_accuracy')} | {_ci(val, 'balanced_accuracy')} |
+| macro-F1 | {test['macro_f1']:.3f} | {val['macro_f1']:.3f} |
+| macro ROC AUC (one-vs-rest) | {test.get('roc_auc_macro', float('nan')):.3f} | {val.get('roc_auc_macro', float('nan')):.3f} |
+| melanoma sensitivity | {test['mel_sensitivity']:.3f} | {val['mel_sensitivity']:.3f} |
+| melanoma specificity | {test['mel_specificity']:.3f} | {val['mel_specificity']:.3f} |
+| expected calibration error | {test['ece']:.3f} | {val['ece']:.3f} |
+
+Per class on test:
+
+| class | name | recall | precision | images |
+|---|---|---|---|---|
+{recall_rows}
+
+## Provenance
+| | |
+|---|---|
+{fact_rows}
+
+## Intended use and limits
+- Research and engineering use: comparing models, teaching, building ML infrastructure.
+- **Not a medical device.** It must not be used to diagnose, triage or reassure patients.
+- Trained on HAM10000's population: mostly fair-skinned patients from Austria and Australia,
+  images from specific dermatoscopes, lesions selected for the dataset. Expect worse and
+  unmeasured performance on other skin types, devices, body sites or clinical settings.
+- 7 classes only: any other lesion (or a non-lesion image) is still forced into one of them.
+- Rare classes (df, vasc, akiec) have few test lesions: their recall is uncertain (see intervals).
+"""

@@ -1,0 +1,59 @@
+"""The registered model: an MLflow pyfunc whose input is images, logged as "model from code".
+
+Logged from this file (not pickled): MLflow stores the source and runs it at load time,
+so loading or serving a registered model never unpickles anything. The Keras weights
+are an artifact loaded with `safe_mode=True`.
+
+Input: a DataFrame with one row per image and a column `image` holding the image bytes
+(or base64 text of them, which is what JSON requests carry) or a column `path`.
+Output: one row per image: predicted class, its full name, the 7 probabilities, error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+
+import pandas as pd
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+from lesionml.data.metadata import CLASSES
+
+
+def _as_bytes(value) -> bytes | None:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    return None
+
+
+class LesionClassifier(PythonModel):
+    def load_context(self, context) -> None:
+        import keras
+
+        self.model = keras.saving.load_model(context.artifacts["keras_model"], safe_mode=True)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from lesionml.inference import predict_images, read_files
+
+        if "image" in model_input.columns:
+            items = [(f"image[{k}]", _as_bytes(v)) for k, v in enumerate(model_input["image"])]
+        elif "path" in model_input.columns:
+            items = read_files([Path(p) for p in model_input["path"]])
+        else:
+            raise ValueError("input needs a column 'image' (bytes or base64) or 'path'")
+        rows = []
+        for r in predict_images(self.model, items):
+            row = {"predicted": r.predicted or "", "name": r.name or "", "error": r.error or ""}
+            row.update({f"p_{c}": r.probabilities.get(c, float("nan")) for c in CLASSES})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+set_model(LesionClassifier())

@@ -1,0 +1,88 @@
+"""Metrics (scikit-learn based), calibration, lesion bootstrap, and the evaluation plots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lesionml import plots
+from lesionml.data.metadata import CLASSES
+from lesionml.evaluation import (
+    classification_metrics,
+    expected_calibration_error,
+    lesion_bootstrap,
+    predictions_table,
+)
+
+
+def _proba(y, hit_rate, seed=0):
+    rng = np.random.default_rng(seed)
+    pred = np.where(rng.random(len(y)) < hit_rate, y, rng.integers(0, 7, len(y)))
+    p = np.full((len(y), 7), 0.05)
+    p[np.arange(len(y)), pred] = 0.7
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def test_always_nv_scores_majority_accuracy_but_chance_balanced_accuracy():
+    y = np.array([CLASSES.index("nv")] * 67 + list(range(7)) * 4 + [0] * 5)
+    proba = np.zeros((len(y), 7))
+    proba[:, CLASSES.index("nv")] = 1.0
+    m = classification_metrics(y, proba)
+    assert m["accuracy"] == pytest.approx(71 / 100)
+    assert m["balanced_accuracy"] == pytest.approx(1 / 7)
+    assert m["mel_sensitivity"] == 0.0 and m["mel_specificity"] == 1.0
+    assert m["per_class"]["nv"]["recall"] == 1.0 and m["per_class"]["mel"]["recall"] == 0.0
+    assert m["roc_auc_macro"] == pytest.approx(0.5)
+
+
+def test_perfect_predictions_and_zero_calibration_error():
+    y = np.repeat(np.arange(7), 5)
+    proba = np.eye(7)[y]
+    m = classification_metrics(y, proba)
+    assert m["accuracy"] == m["balanced_accuracy"] == m["macro_f1"] == m["roc_auc_macro"] == 1.0
+    assert expected_calibration_error(y, proba) == pytest.approx(0.0)
+
+
+def test_overconfident_model_has_large_calibration_error():
+    y = np.repeat(np.arange(7), 20)
+    proba = np.full((len(y), 7), 0.001)
+    proba[:, 0] = 0.994  # says akiec, sure of it, right 1 time in 7
+    assert expected_calibration_error(y, proba) == pytest.approx(0.994 - 1 / 7, abs=1e-6)
+
+
+def test_lesion_bootstrap_interval_brackets_the_estimate_and_grows_with_correlation():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 7, 400)
+    pred = np.where(rng.random(400) < 0.7, y, (y + 1) % 7)
+    independent = lesion_bootstrap(y, pred, np.arange(400), n=400)
+    lo, hi = independent["accuracy"]
+    assert lo < (pred == y).mean() < hi
+    # The same 400 predictions, but 8 images per lesion, all right or all wrong together:
+    lesions = np.repeat(np.arange(50), 8)
+    y2, pred2 = np.repeat(y[:50], 8), np.repeat(pred[:50], 8)
+    grouped = lesion_bootstrap(y2, pred2, lesions, n=400)
+    assert np.diff(grouped["accuracy"])[0] > np.diff(independent["accuracy"])[0] * 1.5
+
+
+def test_predictions_table_columns():
+    rows = pd.DataFrame({"image_id": ["a", "b"], "lesion_id": ["L1", "L2"], "dx": ["mel", "nv"]})
+    table = predictions_table(rows, np.eye(7)[[4, 4]])
+    assert list(table.columns) == ["image_id", "lesion_id", "true", "predicted", *[f"p_{c}" for c in CLASSES]]
+    assert list(table.predicted) == ["mel", "mel"]
+
+
+def test_evaluation_plots_are_real_pngs(tmp_path):
+    y = np.repeat(np.arange(7), 6)
+    proba = _proba(y, 0.6)
+    pred = proba.argmax(axis=1)
+    images = np.random.default_rng(0).integers(0, 255, (len(y), 30, 40, 3), dtype=np.uint8)
+    plots.confusion_matrices(y, pred, CLASSES, "t", tmp_path / "cm.png")
+    plots.roc_curves(y, proba, CLASSES, "t", tmp_path / "roc.png")
+    plots.reliability_diagram(y, proba, "t", tmp_path / "rel.png")
+    names = [CLASSES[i] for i in y]
+    plots.confident_mistakes(images, names, [CLASSES[i] for i in pred], proba.max(axis=1), "t", tmp_path / "mis.png")
+    for f in ("cm", "roc", "rel", "mis"):
+        with Image.open(tmp_path / f"{f}.png") as im:
+            assert im.format == "PNG" and im.width > 300
