@@ -199,18 +199,20 @@ def _compare(args: argparse.Namespace) -> None:
     if runs.empty:
         raise LesionMLError(f"no trained models in experiment '{params.tracking.experiment}' yet; run `lesionml run`")
 
+    def num(value, digits: int = 3) -> str:
+        return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
     def ci(row, key):
         lo, hi = row.get(f"metrics.eval_test_{key}_ci95_low"), row.get(f"metrics.eval_test_{key}_ci95_high")
-        return f"{row[f'metrics.eval_test_{key}']:.3f} [{lo:.3f}-{hi:.3f}]"
+        return f"{num(row.get(f'metrics.eval_test_{key}'))} [{num(lo)}-{num(hi)}]"
 
     lines = ["| run | model | test accuracy [95% CI] | balanced accuracy [95% CI] | macro-F1 | AUC | mel sens. | ECE | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for _, row in runs.iterrows():
+        cells = [num(row.get(f"metrics.eval_test_{k}")) for k in ("macro_f1", "roc_auc_macro", "mel_sensitivity", "ece")]
         lines.append(
             f"| {row.run_id[:8]} | {row['tags.mlflow.runName']} | {ci(row, 'accuracy')} | {ci(row, 'balanced_accuracy')} "
-            f"| {row['metrics.eval_test_macro_f1']:.3f} | {row.get('metrics.eval_test_roc_auc_macro', float('nan')):.3f} "
-            f"| {row['metrics.eval_test_mel_sensitivity']:.3f} | {row['metrics.eval_test_ece']:.3f} "
-            f"| {row['metrics.train_seconds']:.0f} |"
+            f"| {' | '.join(cells)} | {num(row.get('metrics.train_seconds'), 0)} |"
         )
     param_cols = [c for c in runs.columns if c.startswith("params.") and runs[c].nunique(dropna=False) > 1]
     differ = ["", "Params that differ:", ""] + [

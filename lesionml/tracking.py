@@ -262,5 +262,10 @@ def model_runs(experiment_id: str, last: int):
     )
     if parents.empty:
         return parents
-    ids = ", ".join(f"'{r}'" for r in parents.run_id)
-    return mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId IN ({ids})")
+    import pandas as pd
+
+    children = [
+        mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+        for parent in parents.run_id
+    ]
+    return pd.concat(children, ignore_index=True)

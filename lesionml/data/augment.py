@@ -44,7 +44,9 @@ def build_augmenter(cfg: AugmentConfig) -> "keras.Sequential":
     if cfg.brightness:
         layers.append(keras.layers.RandomBrightness(cfg.brightness, value_range=(0, 255), seed=seed + 4))
     if cfg.contrast:
-        layers.append(keras.layers.RandomContrast(cfg.contrast, value_range=(0, 255), seed=seed + 5))
+        # A (lower, upper) pair: Keras 3 reads a single float c as factors in [1, 1 + c] only.
+        c = cfg.contrast
+        layers.append(keras.layers.RandomContrast((c, c), value_range=(0, 255), seed=seed + 5))
     return keras.Sequential(layers, name="augment")
 
 

@@ -91,7 +91,7 @@ def _decode_chunk(locations: Sequence[Location], size: tuple[int, int], max_pixe
                     data = zf.read(member)
                 else:
                     data = Path(file).read_bytes()
-            except (OSError, zipfile.BadZipFile) as exc:
+            except (OSError, zipfile.BadZipFile, KeyError) as exc:  # KeyError: no such zip member
                 raise DataError(f"{_describe(loc)}: cannot read ({exc})") from None
             out[k] = decode_image(data, size, max_pixels, _describe(loc))
     finally:

@@ -7,6 +7,7 @@ noticing. Cleaning only normalises representation; it never removes a row.
 
 from __future__ import annotations
 
+import codecs
 import re
 from io import StringIO
 from pathlib import Path
@@ -55,8 +56,10 @@ def read_metadata(path: Path) -> pd.DataFrame:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        # exc.start counts from after a BOM, which utf-8-sig strips before decoding.
+        offset = exc.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
         raise DataError(
-            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+            f"{path}: not UTF-8 text (byte 0x{raw[offset]:02x} at offset {offset}); save it as UTF-8"
         ) from None
     try:
         df = pd.read_csv(StringIO(text), dtype=str, keep_default_na=False)

@@ -32,7 +32,8 @@ def split_by_lesion(metadata: pd.DataFrame, val_fraction: float, test_fraction: 
     for dx in sorted(counts.index):
         ids = lesions.index[lesions == dx].to_numpy()
         ids = ids[rng.permutation(len(ids))]
-        n_test = max(1, round(test_fraction * len(ids)))
+        # At least one lesion per split: test may take all but one for val and one for train.
+        n_test = min(max(1, round(test_fraction * len(ids))), len(ids) - 2)
         n_val = max(1, round(val_fraction * len(ids)))
         n_val = min(n_val, len(ids) - n_test - 1)
         for k, lesion in enumerate(ids):

@@ -193,3 +193,19 @@ def test_served_model_answers_over_http(full_run, tmp_path):
     row = answer["predictions"][0]
     assert row["predicted"] in {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"} and row["error"] == ""
     assert abs(sum(row[f"p_{c}"] for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")) - 1) < 1e-3
+
+
+def test_compare_prints_and_logs_the_table(full_run, capsys):
+    from mlflow import MlflowClient
+
+    from lesionml.cli import main
+
+    params, first, _ = full_run
+    params_file = str(Path(first["workspace"]).parent / "params.yaml")
+    assert main(["compare", "--last", "5", "--params", params_file]) == 0
+    out = capsys.readouterr().out
+    assert "| cnn |" in out and "| cnn_lstm |" in out and "balanced accuracy [95% CI]" in out
+    assert "Params that differ:" in out and "train.seed" in out  # the seed=5 run differs
+    parent = out.strip().rsplit("MLflow run ", 1)[1].rstrip(")")
+    names = {a.path for a in MlflowClient(params["tracking"]["uri"]).list_artifacts(parent)}
+    assert "comparison.md" in names

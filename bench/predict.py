@@ -1,0 +1,77 @@
+"""Prediction throughput: `lesionml predict` over image files against `model.predict` on
+arrays that are already decoded and resized (same model, same images).
+
+The gap is the price of the real path: reading files, decoding and resizing, the pyfunc
+wrapper, and the CLI's start-up (imports, registry lookup, model load).
+
+    .venv/bin/python bench/predict.py --params PARAMS [--model lesionml@champion] [--images 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--model", default="lesionml@champion")
+    ap.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "ham10000" / "images")
+    ap.add_argument("--images", type=int, default=1000)
+    args = ap.parse_args()
+
+    import numpy as np
+
+    from lesionml import tracking
+    from lesionml.config import load_params
+    from lesionml.data.images import load_images
+
+    files = sorted(args.source.glob("*.jpg"))[: args.images]
+    if len(files) < args.images:
+        print(f"bench/predict.py: only {len(files)} images in {args.source}", file=sys.stderr)
+        return 2
+    params = load_params(args.params)
+    tracking.connect(params.tracking)
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files:
+            shutil.copy(f, tmp)
+        started = time.perf_counter()
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "lesionml"), "predict", tmp, "--json", "--model", args.model,
+             "--params", args.params],
+            capture_output=True, text=True,
+        )
+        cli = time.perf_counter() - started
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return 1
+    assert len(done.stdout.splitlines()) == len(files)
+
+    pyfunc = tracking.load_pyfunc(f"models:/{args.model}")
+    model = pyfunc.unwrap_python_model().model
+    size = tuple(model.input_shape[1:3])
+    arrays = load_images([(str(f), "") for f in files], size, 40_000_000).astype(np.float32)
+    model.predict(arrays[:64], verbose=0)  # warm-up: graph tracing
+    started = time.perf_counter()
+    model.predict(arrays, batch_size=64, verbose=0)
+    bare = time.perf_counter() - started
+    n = len(files)
+    print(f"{n} images, model {args.model}, input {size[0]}x{size[1]}")
+    print(f"  {'lesionml predict (files -> classes, whole CLI process)':<56} {cli:7.2f} s  {n / cli:8.1f} img/s")
+    print(f"  {'model.predict on decoded, resized arrays':<56} {bare:7.2f} s  {n / bare:8.1f} img/s")
+    print(f"ratio predict CLI / bare model.predict: {bare / cli:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
