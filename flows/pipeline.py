@@ -27,7 +27,7 @@ def pipeline(
     overrides: list[str] | None = None,
     until: Literal["ingest", "augment", "evaluate"] = "evaluate",
 ) -> dict:
-    """ingest -> preprocess -> split -> normalize -> augment -> (train -> evaluate) per model.
+    """ingest -> preprocess -> split -> normalize -> augment -> (train -> evaluate per model) -> register.
 
     Returns the artifacts and which stages were cache hits. With training included, the
     tracking store is checked first: an unreachable MLflow fails the run in seconds, not
@@ -41,51 +41,33 @@ def pipeline(
     artifacts: dict[str, dict[str, str]] = {}
     cached: dict[str, bool] = {}
 
-    def record(stage: str, result: tuple) -> dict:
-        outs, hit = result
-        cached[stage] = hit
-        artifacts.update({f"{stage}.{k}": a.to_dict() for k, a in outs.items()})
+    def stage(label: str, task, /, **inputs) -> dict:
+        """Run one stage task (cache-verified), remember its outputs and whether it was a hit."""
+        outs, hit = run_stage(task, ws, workspace=workspace, **inputs)
+        cached[label] = hit
+        artifacts.update({f"{label}.{k}": a.to_dict() for k, a in outs.items()})
         return {k: a.to_dict() for k, a in outs.items()}
 
-    ingested = record(
+    ingested = stage(
         "ingest",
-        run_stage(
-            data.ingest,
-            ws,
-            source_dir=str(cfg.source),
-            signature=source_signature(cfg.source),
-            workspace=workspace,
-            max_archive_bytes=cfg.max_archive_bytes,
-        ),
+        data.ingest,
+        source_dir=str(cfg.source),
+        signature=source_signature(cfg.source),
+        max_archive_bytes=cfg.max_archive_bytes,
     )
     if until == "ingest":
         return {"cached": cached, "artifacts": artifacts, "workspace": workspace}
-    prep = record(
+    prep = stage(
         "preprocess",
-        run_stage(
-            data.preprocess,
-            ws,
-            manifest=ingested["manifest"],
-            workspace=workspace,
-            data={"image_size": list(cfg.image_size), "max_image_pixels": cfg.max_image_pixels},
-            workers=cfg.workers,
-        ),
+        data.preprocess,
+        manifest=ingested["manifest"],
+        data={"image_size": list(cfg.image_size), "max_image_pixels": cfg.max_image_pixels},
+        workers=cfg.workers,
     )
-    split = record(
-        "split",
-        run_stage(data.split_task, ws, metadata_csv=prep["metadata"], workspace=workspace, params=params.section("split")),
-    )
-    norm = record("normalize", run_stage(data.normalize_task, ws, images_npz=prep["images"], split_csv=split["split"], workspace=workspace))
-    aug = record(
-        "augment",
-        run_stage(
-            data.augment_task,
-            ws,
-            images_npz=prep["images"],
-            split_csv=split["split"],
-            workspace=workspace,
-            params=params.section("augment"),
-        ),
+    split = stage("split", data.split_task, metadata_csv=prep["metadata"], params=params.section("split"))
+    norm = stage("normalize", data.normalize_task, images_npz=prep["images"], split_csv=split["split"])
+    aug = stage(
+        "augment", data.augment_task, images_npz=prep["images"], split_csv=split["split"], params=params.section("augment")
     )
     result = {"cached": cached, "artifacts": artifacts, "workspace": workspace}
     if until != "evaluate":
@@ -96,47 +78,35 @@ def pipeline(
     evaluated: dict[str, dict] = {}
     try:
         for name in params.models.enabled:
-            trained = record(
+            trained = stage(
                 f"train.{name}",
-                run_stage(
-                    model.train,
-                    ws,
-                    name=name,
-                    images_npz=prep["images"],
-                    split_csv=split["split"],
-                    stats_json=norm["stats"],
-                    workspace=workspace,
-                    params=params.model_dump(mode="json"),
-                    run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name})),
-                ),
+                model.train,
+                name=name,
+                images_npz=prep["images"],
+                split_csv=split["split"],
+                stats_json=norm["stats"],
+                params=params.model_dump(mode="json"),
+                run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name})),
             )
             evaluated[name] = {"model": trained["model"], "summary": trained["summary"]}
-            evaluated[name] |= record(
+            evaluated[name] |= stage(
                 f"evaluate.{name}",
-                run_stage(
-                    model.evaluate,
-                    ws,
-                    name=name,
-                    model_keras=trained["model"],
-                    summary_json=trained["summary"],
-                    images_npz=prep["images"],
-                    split_csv=split["split"],
-                    workspace=workspace,
-                ),
-            )
-        registered = record(
-            "register",
-            run_stage(
-                model.register,
-                ws,
-                models=evaluated,
-                manifest_csv=ingested["manifest"],
-                release_json=ingested["release"],
+                model.evaluate,
+                name=name,
+                model_keras=trained["model"],
+                summary_json=trained["summary"],
+                images_npz=prep["images"],
                 split_csv=split["split"],
-                workspace=workspace,
-                params=params.model_dump(mode="json"),
-                git_commit=commit,
-            ),
+            )
+        registered = stage(
+            "register",
+            model.register,
+            models=evaluated,
+            manifest_csv=ingested["manifest"],
+            release_json=ingested["release"],
+            split_csv=split["split"],
+            params=params.model_dump(mode="json"),
+            git_commit=commit,
         )
         decision = json.loads(Path(registered["decision"]["path"]).read_text())
         tracking.set_tags(parent, {"lesionml.promoted": str(decision["promote"]).lower(),
