@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -76,10 +77,21 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failing task's exception with its traceback; for a LesionMLError (a
+    verdict on the user's input, printed by main() as one line) that traceback is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, LesionMLError)
+
+
 def _quiet_environment() -> None:
     """Defaults for noisy libraries; anything the user set explicitly wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
 
 
 def _print_summary(result: dict, seconds: float) -> None:

@@ -224,6 +224,8 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | tuple[s
         raise ConfigError(f"{path}: not valid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    # A section whose keys are all commented out parses as None: it means "all defaults".
+    tree = {k: ({} if v is None else v) for k, v in tree.items()}
     for item in overrides:
         _set_dotted(tree, *parse_override(item))
     origin = f"{path}" + (" with --set " + " ".join(overrides) if overrides else "")

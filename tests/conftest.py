@@ -1,4 +1,9 @@
-"""Shared fixtures: real sample data, releases built in temp dirs, isolated Prefect home."""
+"""Shared test set-up: an isolated Prefect home, real sample data, releases built in temp dirs.
+
+Nothing here imports prefect, tensorflow or lesionml at module level: the environment set
+in `pytest_configure` must be in place before the first of them is imported (Prefect reads
+its settings, TensorFlow its log level, once at import time).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -15,63 +21,143 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 FULL = ROOT.parent / "shared" / "data" / "ham10000"
+METADATA = "HAM10000_metadata.csv"
+LAYOUTS = ("flat", "parts", "zips")
+PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 
-# Before anything imports prefect: a private Prefect home (its temporary server's database),
-# no analytics, quiet logs; TensorFlow's C++ start-up chatter off.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="lesionml-prefect-")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has set up tmp_path_factory
+def pytest_configure(config: pytest.Config) -> None:
+    factory = getattr(config, "_tmp_path_factory", None)
+    home = factory.mktemp("prefect-home", numbered=True) if factory else Path(tempfile.mkdtemp(prefix="prefect-home-"))
+    # A private Prefect home: its temporary server's database and any profile live here,
+    # never in ~/.prefect, so a developer's own Prefect state cannot leak into the tests.
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    # A non-empty PREFECT_API_URL is a deliberate choice (run the tests against that
+    # server): keep it. An empty one is not; without it Prefect starts a temporary server.
+    if not os.environ.get("PREFECT_API_URL", "").strip():
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+# ---------------------------------------------------------------------------------------
+# Plain helpers (also imported by test modules as `from conftest import ...`)
+
+
+def full_data_or_skip() -> Path:
+    if not (FULL / METADATA).is_file() or not (FULL / "images").is_dir():
+        pytest.skip(f"full HAM10000 copy not present at {FULL} (only on machines with the shared data)")
+    return FULL
 
 
 def sample_metadata() -> pd.DataFrame:
-    return pd.read_csv(SAMPLE / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
+    """The bundled sample's CSV exactly as the release has it: every value a string."""
+    return pd.read_csv(SAMPLE / METADATA, dtype=str, keep_default_na=False)
 
 
-def make_release(dest: Path, rows: pd.DataFrame, layout: str = "flat") -> Path:
-    """A HAM10000 release of the sample images for `rows`, in one of the real layouts."""
+def whole_lesion_rows(n: int) -> pd.DataFrame:
+    """About `n` real sample rows made of whole lesions, taken class by class in turn.
+
+    Whole lesions keep the release's structure (several images per lesion); taking the
+    classes in turn gives every class several lesions even for small n.
+    """
+    meta = sample_metadata()
+    if n >= len(meta):
+        return meta
+    queues = {dx: list(dict.fromkeys(g.lesion_id)) for dx, g in meta.groupby("dx", sort=True)}
+    sizes = meta.lesion_id.value_counts()
+    chosen: list[str] = []
+    total = 0
+    while total < n and any(queues.values()):
+        for q in queues.values():
+            if q and total < n:
+                lesion = q.pop(0)
+                chosen.append(lesion)
+                total += int(sizes[lesion])
+    return meta[meta.lesion_id.isin(chosen)].reset_index(drop=True)
+
+
+def build_release(dest: Path, rows: pd.DataFrame, layout: str = "flat") -> Path:
+    """A HAM10000 release in `dest`: the CSV rows and their real sample images, in a real layout.
+
+    flat:  images beside the CSV;
+    parts: HAM10000_images_part_1/ and HAM10000_images_part_2/ folders;
+    zips:  HAM10000_images_part_1.zip and HAM10000_images_part_2.zip (the official download).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     dest.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(dest / "HAM10000_metadata.csv", index=False)
-    ids = list(rows.image_id)
-    halves = {"HAM10000_images_part_1": ids[: len(ids) // 2], "HAM10000_images_part_2": ids[len(ids) // 2 :]}
+    rows.to_csv(dest / METADATA, index=False)
+    ids = list(dict.fromkeys(rows.image_id))
+    halves = dict(zip(PARTS, (ids[: len(ids) // 2], ids[len(ids) // 2 :])))
     if layout == "flat":
         for i in ids:
-            shutil.copy(SAMPLE / "images" / f"{i}.jpg", dest / f"{i}.jpg")
+            shutil.copy2(SAMPLE / "images" / f"{i}.jpg", dest / f"{i}.jpg")
     elif layout == "parts":
         for folder, part in halves.items():
             (dest / folder).mkdir()
             for i in part:
-                shutil.copy(SAMPLE / "images" / f"{i}.jpg", dest / folder / f"{i}.jpg")
-    elif layout == "zips":
+                shutil.copy2(SAMPLE / "images" / f"{i}.jpg", dest / folder / f"{i}.jpg")
+    else:
         for folder, part in halves.items():
-            with zipfile.ZipFile(dest / f"{folder}.zip", "w") as zf:
+            with zipfile.ZipFile(dest / f"{folder}.zip", "w", zipfile.ZIP_STORED) as zf:
                 for i in part:
                     zf.write(SAMPLE / "images" / f"{i}.jpg", f"{i}.jpg")
-    else:
-        raise ValueError(layout)
     return dest
 
 
-@pytest.fixture
-def small_rows() -> pd.DataFrame:
-    """40 real rows: whole lesions, every class."""
-    meta = sample_metadata()
-    keep = meta.groupby("dx").lesion_id.apply(lambda s: list(dict.fromkeys(s))[:4]).explode()
-    return meta[meta.lesion_id.isin(keep)].reset_index(drop=True)
+def write_params(tmp: Path, source: Path, **sections: dict) -> Path:
+    """tmp/params.yaml: the project's params with a temp workspace and MLflow store.
 
-
-@pytest.fixture
-def release(tmp_path, small_rows) -> Path:
-    return make_release(tmp_path / "release", small_rows)
-
-
-def write_params(tmp: Path, source: Path, **sections) -> Path:
-    """A params.yaml in `tmp` using the project's defaults, a temp workspace and MLflow store."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    `sections` update single keys, e.g. write_params(tmp, src, split={"seed": 7}).
+    """
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["data"].update(source=str(source), workspace=str(tmp / "ws"))
     params["tracking"].update(uri=f"sqlite:///{tmp / 'mlruns.db'}", artifacts=str(tmp / "artifacts"))
     for section, values in sections.items():
-        params[section].update(values)
+        params.setdefault(section, {}).update(values)
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The bundled sample release (data/sample: CSV + images/), read-only."""
+    assert (SAMPLE / METADATA).is_file() and (SAMPLE / "images").is_dir(), f"bundled sample missing at {SAMPLE}"
+    return SAMPLE
+
+
+@pytest.fixture
+def make_release(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: make_release(n=40, layout="flat", rows=None, name=None) -> release folder.
+
+    Copies `n` real sample images (whole lesions, every class) or exactly `rows`, with
+    their CSV rows, into tmp_path/<name> in the chosen layout.
+    """
+
+    def make(n: int = 40, layout: str = "flat", rows: pd.DataFrame | None = None, name: str | None = None) -> Path:
+        rows = whole_lesion_rows(n) if rows is None else rows
+        return build_release(tmp_path / (name or f"release-{layout}"), rows, layout)
+
+    return make
+
+
+@pytest.fixture
+def params_file(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: params_file(source, name="project", **sections) -> a params.yaml under tmp_path.
+
+    Workspace and tracking store are under the same temp folder, never in the repo.
+    """
+
+    def make(source: Path = SAMPLE, name: str = "project", **sections: dict) -> Path:
+        return write_params(tmp_path / name, Path(source), **sections)
+
+    return make

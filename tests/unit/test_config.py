@@ -1,64 +1,236 @@
+"""params.yaml -> typed Params: defaults, strictness, --set overrides, path resolution."""
+
+from __future__ import annotations
+
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import ROOT
 
-from lesionml.config import Params, load_params
+from lesionml.config import Params, load_params, parse_override
 from lesionml.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
+
+def _write(folder: Path, tree: dict | str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(tree if isinstance(tree, str) else yaml.safe_dump(tree), encoding="utf-8")
+    return path
 
 
-def _write(tmp_path, text):
-    p = tmp_path / "params.yaml"
-    p.write_text(text)
-    return p
+def _error(path: Path, overrides: list[str] = ()) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_params(path, list(overrides))
+    message = str(err.value)
+    assert "\n" not in message, "a config error is one line"
+    return message
 
 
-def test_project_params_are_valid_and_resolve_paths_against_their_folder():
-    p = load_params(ROOT / "params.yaml")
-    assert p.data.source == ROOT / "data" / "sample"
-    assert p.data.image_size == (75, 100)
-    assert p.tracking.uri == f"sqlite:///{ROOT / 'mlruns.db'}"
-    assert p.models.enabled == ("cnn", "cnn_lstm")
+# --- defaults -----------------------------------------------------------------------
 
 
-def test_override_is_typed_from_yaml(tmp_path):
-    p = load_params(ROOT / "params.yaml", ["split.seed=7", "data.image_size=[32, 48]", "train.class_weighting=false"])
-    assert p.split.seed == 7 and p.data.image_size == (32, 48) and p.train.class_weighting is False
+def test_empty_file_gives_the_code_defaults_with_paths_anchored_at_the_file(tmp_path):
+    params = load_params(_write(tmp_path, ""))
+    assert params == Params().resolve_paths(tmp_path)
+    assert params.split.seed == 42 and (params.split.val_fraction, params.split.test_fraction) == (0.15, 0.15)
+    assert params.data.image_size == (75, 100) and params.data.workers == 2
+    assert params.data.source == tmp_path / "data" / "sample"
+    assert params.data.workspace == tmp_path / "workspace"
+
+
+def test_one_section_given_the_others_default(tmp_path):
+    params = load_params(_write(tmp_path, {"split": {"seed": 3}}))
+    assert params.split.seed == 3 and params.split.val_fraction == 0.15
+    assert params.augment == Params().augment and params.train == Params().train
+
+
+def test_the_projects_own_params_file_is_valid(sample_dir):
+    params = load_params(ROOT / "params.yaml")
+    assert params.data.source == sample_dir.resolve()
+    assert params.data.image_size == (75, 100)
+    assert set(params.models.enabled) <= {"cnn", "cnn_lstm"}
+
+
+# --- unknown keys, wrong types, out of range ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tree,key",
+    [
+        ({"dat": {"source": "x"}}, "dat"),
+        ({"split": {"sead": 7}}, "split.sead"),
+        ({"models": {"cnn": {"filter": [8]}}}, "models.cnn.filter"),
+    ],
+)
+def test_unknown_key_is_named(tmp_path, tree, key):
+    message = _error(_write(tmp_path, tree))
+    assert message.endswith(f"unknown key '{key}'")
+    assert str(tmp_path / "params.yaml") in message
+
+
+@pytest.mark.parametrize(
+    "tree,needle",
+    [
+        ({"split": {"seed": "seven"}}, "split.seed: Input should be a valid integer"),
+        ({"data": {"workers": 2.5}}, "data.workers: Input should be a valid integer"),
+        ({"augment": {"horizontal_flip": "sometimes"}}, "augment.horizontal_flip: Input should be a valid boolean"),
+        ({"data": {"image_size": "75x100"}}, "data.image_size: Input should be a valid tuple"),
+        ({"train": {"monitor": "loss"}}, "train.monitor: Input should be 'val_loss' or 'val_accuracy'"),
+    ],
+)
+def test_wrong_type_is_named_with_the_value(tmp_path, tree, needle):
+    message = _error(_write(tmp_path, tree))
+    assert needle in message
+    section, values = next(iter(tree.items()))
+    assert f"(got {next(iter(values.values()))!r})" in message
+
+
+@pytest.mark.parametrize(
+    "tree,needle",
+    [
+        ({"data": {"workers": -1}}, "data.workers: Input should be greater than or equal to 1 (got -1)"),
+        ({"data": {"workers": 0}}, "data.workers: Input should be greater than or equal to 1 (got 0)"),
+        ({"split": {"val_fraction": 0.0}}, "split.val_fraction: Input should be greater than 0"),
+        ({"split": {"test_fraction": 1.5}}, "split.test_fraction: Input should be less than 1"),
+        (
+            {"split": {"val_fraction": 0.5, "test_fraction": 0.5}},
+            "split: val_fraction + test_fraction must be below 1 to leave a training split, got 0.5 + 0.5",
+        ),
+        (
+            {"split": {"val_fraction": 0.6, "test_fraction": 0.45}},
+            "val_fraction + test_fraction must be below 1",
+        ),
+        ({"data": {"image_size": [4, 100]}}, "data: image_size must be two sides between 8 and 1024, got [4, 100]"),
+        ({"augment": {"rotation_degrees": 270}}, "augment.rotation_degrees: Input should be less than or equal to 180"),
+    ],
+)
+def test_out_of_range_is_named(tmp_path, tree, needle):
+    assert needle in _error(_write(tmp_path, tree))
+
+
+def test_fractions_just_below_one_are_accepted(tmp_path):
+    params = load_params(_write(tmp_path, {"split": {"val_fraction": 0.49, "test_fraction": 0.5}}))
+    assert params.split.val_fraction + params.split.test_fraction < 1
+
+
+def test_several_problems_are_counted(tmp_path):
+    message = _error(_write(tmp_path, {"data": {"workers": -1, "max_image_pixels": 0}}))
+    assert "(and 1 more problems)" in message
+
+
+# --- --set overrides ----------------------------------------------------------------
+
+
+def test_overrides_are_typed_as_yaml_values(tmp_path):
+    path = _write(tmp_path, {"split": {"seed": 42}})
+    params = load_params(
+        path,
+        [
+            "split.seed=7",
+            "split.val_fraction=0.2",
+            "augment.horizontal_flip=false",
+            "data.image_size=[64, 80]",
+            "models.enabled=[cnn]",
+            "tracking.experiment=exp one",
+        ],
+    )
+    assert params.split.seed == 7 and type(params.split.seed) is int
+    assert params.split.val_fraction == 0.2 and type(params.split.val_fraction) is float
+    assert params.augment.horizontal_flip is False
+    assert params.data.image_size == (64, 80)
+    assert params.models.enabled == ("cnn",)
+    assert params.tracking.experiment == "exp one"
+    assert load_params(path).split.seed == 42, "overrides never touch the file"
+
+
+def test_override_wins_over_the_file_and_later_override_wins(tmp_path):
+    path = _write(tmp_path, {"split": {"seed": 1}})
+    assert load_params(path, ["split.seed=2", "split.seed=3"]).split.seed == 3
+
+
+def test_override_is_validated_like_the_file(tmp_path):
+    path = _write(tmp_path, "")
+    message = _error(path, ["split.sed=7"])
+    assert message.endswith("unknown key 'split.sed'") and "with --set split.sed=7" in message
+    assert "data.workers: Input should be greater than or equal to 1 (got -3)" in _error(path, ["data.workers=-3"])
+    assert "split.seed: Input should be a valid integer" in _error(path, ["split.seed=abc"])
 
 
 @pytest.mark.parametrize(
     "text,needle",
     [
-        ("split:\n  sed: 3\n", "unknown key 'split.sed'"),
-        ("bogus:\n  a: 1\n", "unknown key 'bogus'"),
-        ("train:\n  epochs: many\n", "train.epochs"),
-        ("train:\n  epochs: -1\n", "train.epochs: Input should be greater than or equal to 1"),
-        ("split:\n  val_fraction: 0.5\n  test_fraction: 0.5\n", "val_fraction + test_fraction must be below 1"),
-        ("models:\n  enabled: [cnn, resnet]\n", "unknown model 'resnet'; known models: cnn, cnn_lstm"),
-        ("data:\n  image_size: [2, 2]\n", "image_size must be two sides between 8 and 1024"),
-        ("- a\n- b\n", "expected a mapping"),
-        ("a: [\n", "not valid YAML"),
+        ("split.seed", "expected section.key=value"),
+        ("seed=7", "expected section.key=value"),
+        ("=7", "expected section.key=value"),
+        ("split.seed=[1, 2", "value is not valid YAML"),
     ],
 )
-def test_bad_params_are_one_line_errors_naming_the_key(tmp_path, text, needle):
+def test_bad_override_syntax(text, needle):
     with pytest.raises(ConfigError) as err:
-        load_params(_write(tmp_path, text))
-    assert needle in str(err.value)
-    assert "\n" not in str(err.value)
+        parse_override(text)
+    assert needle in str(err.value) and repr(text) in str(err.value)
 
 
-@pytest.mark.parametrize("override", ["split.seed", "seed=3", "=3"])
-def test_malformed_override(override):
-    with pytest.raises(ConfigError, match="expected section.key=value"):
-        load_params(ROOT / "params.yaml", [override])
+def test_override_into_a_value_is_refused(tmp_path):
+    message = _error(_write(tmp_path, {"split": {"seed": 42}}), ["split.seed.x=1"])
+    assert "--set split.seed.x: 'seed' is a value, not a section" in message
 
 
-def test_missing_params_file(tmp_path):
-    with pytest.raises(ConfigError, match="params file not found"):
-        load_params(tmp_path / "nope.yaml")
+# --- files and paths ----------------------------------------------------------------
 
 
-def test_flat_names_every_param():
-    flat = Params().flat()
-    assert flat["train.epochs"] == 10 and flat["models.cnn.filters"] == [32, 64, 128]
+def test_relative_paths_resolve_against_the_params_folder_not_the_cwd(tmp_path, monkeypatch):
+    folder = tmp_path / "project" / "conf"
+    path = _write(
+        folder,
+        {
+            "data": {"source": "../releases/ham", "workspace": "ws"},
+            "tracking": {"uri": "sqlite:///db/mlruns.db", "artifacts": "art"},
+        },
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    params = load_params("../project/conf/params.yaml")
+    assert params.data.source == tmp_path / "project" / "releases" / "ham"
+    assert params.data.workspace == folder / "ws"
+    assert params.tracking.artifacts == folder / "art"
+    assert params.tracking.uri == f"sqlite:///{folder / 'db' / 'mlruns.db'}"
+
+
+def test_absolute_paths_and_remote_tracking_uri_are_kept(tmp_path):
+    src = tmp_path / "abs" / "src"
+    path = _write(tmp_path / "p", {"data": {"source": str(src)}, "tracking": {"uri": "http://127.0.0.1:5000"}})
+    params = load_params(path)
+    assert params.data.source == src
+    assert params.tracking.uri == "http://127.0.0.1:5000"
+
+
+def test_relative_override_path_resolves_against_the_params_folder(tmp_path):
+    params = load_params(_write(tmp_path / "p", ""), ["data.source=rel"])
+    assert params.data.source == tmp_path / "p" / "rel"
+
+
+def test_missing_file_invalid_yaml_and_non_mapping(tmp_path):
+    assert _error(tmp_path / "nope.yaml").endswith("nope.yaml: params file not found")
+    message = _error(_write(tmp_path / "a", "split:\n  seed: [1, 2\n"))
+    assert "not valid YAML at line" in message
+    assert _error(_write(tmp_path / "b", "- just\n- a list\n")).endswith("expected a mapping of sections at the top level")
+
+
+def test_params_are_frozen_and_flat_names_every_param():
+    params = Params()
+    with pytest.raises(Exception):
+        params.split.seed = 1  # type: ignore[misc]
+    flat = params.flat()
+    assert flat["split.seed"] == 42 and flat["data.image_size"] == [75, 100]
+    assert flat["augment.horizontal_flip"] is True
+    assert params.section("split") == {"seed": 42, "val_fraction": 0.15, "test_fraction": 0.15}
+
+
+def test_empty_section_means_defaults(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("split:\n  # seed: 3\ntrain:\n  epochs: 2\n")
+    params = load_params(p, ["split.seed=7"])
+    assert params.split.seed == 7 and params.split.val_fraction == 0.15 and params.train.epochs == 2

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import io
+import zipfile
 
 import numpy as np
 import pytest
 from conftest import SAMPLE
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
+from lesionml.data import images as images_module
 from lesionml.data.images import decode_image, load_image_array, load_images, save_image_array
 from lesionml.errors import DataError
 
-SIZE = (75, 100)
+SIZE = (75, 100)  # height, width: the configured default
 LIMIT = 40_000_000
 REAL = sorted((SAMPLE / "images").glob("*.jpg"))
+RED, BLUE = (255, 0, 0), (0, 0, 255)
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -25,101 +26,230 @@ def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def test_real_jpeg_to_configured_shape():
-    arr = decode_image(REAL[0].read_bytes(), SIZE, LIMIT, str(REAL[0]))
-    assert arr.shape == (75, 100, 3) and arr.dtype == np.uint8
-    plain = np.asarray(Image.open(REAL[0]).convert("RGB").resize((100, 75), Image.Resampling.BILINEAR))
-    assert np.abs(arr.astype(int) - plain).mean() < 6  # reduced-size decode looks the same
+def _decode(data: bytes, size=SIZE, limit=LIMIT, name="x.jpg") -> np.ndarray:
+    arr = decode_image(data, size, limit, name)
+    assert arr.shape == (*size, 3) and arr.dtype == np.uint8
+    return arr
 
 
-def test_truncated_jpeg_names_the_file():
+# --- real images ---------------------------------------------------------------------
+
+
+def test_real_jpeg_becomes_the_configured_array_showing_the_same_picture():
+    with Image.open(REAL[0]) as im:
+        assert im.size == (200, 150)
+    arr = _decode(REAL[0].read_bytes())
+    # Reference: a full decode then a plain resize. The reduced-size (DCT) decode must
+    # give the same picture, not a shifted, transposed or differently coloured one.
+    with Image.open(REAL[0]) as im:
+        plain = np.asarray(im.convert("RGB").resize((100, 75), Image.Resampling.BILINEAR), dtype=np.int16)
+    assert np.abs(arr.astype(np.int16) - plain).mean() < 6
+    other = _decode(REAL[1].read_bytes())
+    assert np.abs(other.astype(np.int16) - plain).mean() > 6, "a different photo differs"
+
+
+def test_other_configured_sizes():
+    assert _decode(REAL[0].read_bytes(), size=(32, 48)).shape == (32, 48, 3)
+    assert _decode(REAL[0].read_bytes(), size=(300, 400)).shape == (300, 400, 3)
+
+
+# --- broken files --------------------------------------------------------------------
+
+
+def test_truncated_jpeg_names_the_file(tmp_path):
     data = REAL[0].read_bytes()
-    with pytest.raises(DataError, match=r"^broken\.jpg: cannot decode image"):
+    with pytest.raises(DataError, match=r"^broken\.jpg: cannot decode image \(image file is truncated"):
         decode_image(data[: len(data) // 2], SIZE, LIMIT, "broken.jpg")
+    bad = tmp_path / "ISIC_0000001.jpg"
+    bad.write_bytes(data[:700])
+    with pytest.raises(DataError) as err:
+        load_images([(str(bad), "")], SIZE, LIMIT, workers=1)
+    assert str(err.value).startswith(f"{bad}: cannot decode image (")
 
 
-@pytest.mark.parametrize("data,needle", [(b"", "image file is empty"), (b"this is text", "not an image Pillow can read")])
-def test_empty_and_text_files(data, needle):
-    with pytest.raises(DataError, match=f"^fake.jpg: {needle}"):
-        decode_image(data, SIZE, LIMIT, "fake.jpg")
+def test_text_file_named_jpg(tmp_path):
+    fake = tmp_path / "ISIC_0000002.jpg"
+    fake.write_text("lesion_id,image_id,dx\nthis is not a photo\n")
+    with pytest.raises(DataError) as err:
+        load_images([(str(fake), "")], SIZE, LIMIT, workers=1)
+    assert str(err.value) == f"{fake}: not an image Pillow can read"
+
+
+def test_empty_file():
+    with pytest.raises(DataError, match=r"^empty\.jpg: image file is empty \(0 bytes\)$"):
+        decode_image(b"", SIZE, LIMIT, "empty.jpg")
+
+
+def test_unreadable_zip_member_is_named(tmp_path):
+    archive = tmp_path / "part.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ISIC_0000003.jpg", REAL[0].read_bytes())
+    with pytest.raises(DataError) as err:
+        load_images([(str(archive), "ISIC_0000099.jpg")], SIZE, LIMIT, workers=1)
+    assert str(err.value).startswith(f"{archive}:ISIC_0000099.jpg: cannot read (")
+
+
+# --- every mode becomes RGB ----------------------------------------------------------
+
+
+def test_png_with_alpha_is_composited_on_black():
+    arr = _decode(_encode(Image.new("RGBA", (200, 150), (255, 0, 0, 128)), "PNG"))
+    assert abs(int(arr[..., 0].mean()) - 128) <= 2 and arr[..., 1:].max() == 0
+
+
+def test_fully_transparent_png_is_black_not_its_hidden_colour():
+    arr = _decode(_encode(Image.new("RGBA", (200, 150), (255, 255, 255, 0)), "PNG"))
+    assert arr.max() == 0
+
+
+def test_grayscale_png():
+    arr = _decode(_encode(Image.new("L", (200, 150), 200), "PNG"))
+    assert (arr == 200).all()
+
+
+def test_cmyk_jpeg():
+    data = _encode(Image.new("CMYK", (200, 150), (0, 255, 255, 0)), "JPEG", quality=95)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "CMYK"
+    arr = _decode(data)
+    assert arr[..., 0].mean() > 240 and arr[..., 1].mean() < 15 and arr[..., 2].mean() < 15
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    data = _encode(Image.fromarray(np.full((150, 200), 40000, np.uint16)), "PNG")
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "I;16"
+    arr = _decode(data)
+    assert (np.abs(arr.astype(int) - 40000 * 255 // 65535) <= 1).all()  # 155, not clipped to 255
+
+
+def test_sixteen_bit_ramp_keeps_its_order():
+    ramp = np.tile(np.linspace(0, 65535, 200).astype(np.uint16), (150, 1))
+    arr = _decode(_encode(Image.fromarray(ramp), "PNG"))
+    row = arr[40, :, 0].astype(int)
+    assert row[0] <= 3 and row[-1] >= 252 and (np.diff(row) >= 0).all()
 
 
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: _encode(Image.new("RGBA", (200, 150), (255, 0, 0, 128)), "PNG"),
-        lambda: _encode(Image.new("L", (200, 150), 200), "PNG"),
-        lambda: _encode(Image.new("CMYK", (200, 150), (0, 255, 255, 0)), "JPEG"),
-        lambda: _encode(Image.fromarray(np.full((150, 200), 40000, np.uint16)), "PNG"),
-        lambda: _encode(Image.new("P", (200, 150), 3), "GIF"),
+        lambda: Image.new("P", (200, 150), 3),
+        lambda: Image.new("1", (200, 150), 1),
+        lambda: Image.new("LA", (200, 150), (90, 255)),
     ],
-    ids=["rgba-png", "gray-png", "cmyk-jpeg", "16bit-png", "palette-gif"],
+    ids=["palette", "bilevel", "gray-alpha"],
 )
-def test_any_mode_becomes_rgb(make):
-    arr = decode_image(make(), SIZE, LIMIT, "x")
-    assert arr.shape == (75, 100, 3) and arr.dtype == np.uint8
+def test_other_modes_become_rgb(make):
+    _decode(_encode(make(), "PNG"))
 
 
-def test_sixteen_bit_is_scaled_not_clipped():
-    data = _encode(Image.fromarray(np.full((150, 200), 32768, np.uint16)), "PNG")
-    assert 120 <= decode_image(data, SIZE, LIMIT, "x").mean() <= 135
+# --- EXIF orientation ----------------------------------------------------------------
 
 
-def test_exif_orientation_is_honoured():
-    # A landscape picture, left half red, stored rotated with orientation 6 (rotate 90 CW to view).
-    pic = np.zeros((150, 200, 3), np.uint8)
-    pic[:, :100] = (255, 0, 0)
-    stored = Image.fromarray(pic).transpose(Image.Transpose.ROTATE_90)  # stored as 200 tall x 150 wide
+def _tall_photo_with_red_top(orientation: int | None) -> bytes:
+    """Stored 450 wide x 600 tall (the release's 600x450 frame on its side): top quarter red."""
+    pixels = np.zeros((600, 450, 3), np.uint8)
+    pixels[:] = BLUE
+    pixels[:150] = RED
     exif = Image.Exif()
-    exif[0x0112] = 6
-    arr = decode_image(_encode(stored, "JPEG", exif=exif, quality=95), SIZE, LIMIT, "x")
-    assert arr[:, :40, 0].mean() > 200 and arr[:, 60:, 0].mean() < 60
+    if orientation is not None:
+        exif[0x0112] = orientation
+    return _encode(Image.fromarray(pixels), "JPEG", quality=95, exif=exif)
 
 
-def test_pixel_limit_refuses_before_decoding():
-    with pytest.raises(DataError, match=r"200x150 pixels is over the limit of 1,000 .*decompression bomb"):
-        decode_image(REAL[0].read_bytes(), SIZE, 1000, "big.jpg")
+def _red(region: np.ndarray) -> bool:
+    return region[..., 0].mean() > 200 and region[..., 2].mean() < 50
 
 
-def test_parallel_equals_serial_and_keeps_order():
-    locs = [(str(p), "") for p in REAL[:300]]
+def _blue(region: np.ndarray) -> bool:
+    return region[..., 2].mean() > 200 and region[..., 0].mean() < 50
+
+
+def test_exif_orientation_6_is_rotated_clockwise_before_resizing():
+    arr = _decode(_tall_photo_with_red_top(6))
+    # Shown rotated 90 degrees clockwise: a landscape picture whose right quarter is red.
+    assert _red(arr[:, 80:]) and _blue(arr[:, :70])
+
+
+def test_exif_orientation_8_is_rotated_counter_clockwise():
+    arr = _decode(_tall_photo_with_red_top(8))
+    assert _red(arr[:, :20]) and _blue(arr[:, 30:])
+
+
+def test_without_orientation_the_stored_picture_is_used_as_is():
+    for orientation in (None, 1):
+        arr = _decode(_tall_photo_with_red_top(orientation))
+        # Squeezed into the landscape frame, but the red band stays at the top.
+        assert _red(arr[:15]) and _blue(arr[25:])
+
+
+# --- decompression bombs -------------------------------------------------------------
+
+
+def test_pixel_limit_refuses_a_large_image():
+    data = REAL[0].read_bytes()  # 200 x 150 = 30,000 pixels
+    with pytest.raises(DataError) as err:
+        decode_image(data, SIZE, 29_999, "big.jpg")
+    assert str(err.value) == (
+        "big.jpg: 200x150 pixels is over the limit of 29,999 (data.max_image_pixels); "
+        "refusing a possible decompression bomb"
+    )
+    _decode(data, limit=30_000)  # exactly at the limit is allowed
+
+
+def test_pixel_limit_is_checked_from_the_header_of_a_png_too():
+    data = _encode(Image.new("L", (300, 300)), "PNG")
+    with pytest.raises(DataError, match=r"300x300 pixels is over the limit of 50,000"):
+        decode_image(data, SIZE, 50_000, "wide.png")
+
+
+# --- many images ---------------------------------------------------------------------
+
+
+def test_parallel_equals_serial_in_order(monkeypatch):
+    # Small chunks, so 40 images are 6 chunks shared by the two threads.
+    monkeypatch.setattr(images_module, "_CHUNK", 7)
+    locs = [(str(p), "") for p in REAL[:40]]
     serial = load_images(locs, SIZE, LIMIT, workers=1)
-    done = []
+    done: list[int] = []
     parallel = load_images(locs, SIZE, LIMIT, workers=2, progress=done.append)
     np.testing.assert_array_equal(serial, parallel)
-    assert sum(done) == 300
+    assert sorted(done) == [5, 7, 7, 7, 7, 7]
+    for k in (0, 13, 39):
+        np.testing.assert_array_equal(parallel[k], decode_image(REAL[k].read_bytes(), SIZE, LIMIT, "x"))
+    backwards = load_images(locs[::-1], SIZE, LIMIT, workers=2)
+    np.testing.assert_array_equal(backwards, parallel[::-1])
 
 
-def test_worker_error_names_the_file(tmp_path):
+def test_zip_members_decode_like_files(tmp_path):
+    archive = tmp_path / "HAM10000_images_part_1.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in REAL[:10]:
+            zf.write(p, p.name)
+    from_files = load_images([(str(p), "") for p in REAL[:10]], SIZE, LIMIT, workers=2)
+    from_zip = load_images([(str(archive), p.name) for p in REAL[:10]], SIZE, LIMIT, workers=2)
+    np.testing.assert_array_equal(from_files, from_zip)
+
+
+def test_one_bad_file_among_many_fails_the_load_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(images_module, "_CHUNK", 8)
     bad = tmp_path / "ISIC_bad.jpg"
     bad.write_bytes(REAL[0].read_bytes()[:500])
-    locs = [(str(p), "") for p in REAL[:200]] + [(str(bad), "")]
-    with pytest.raises(DataError, match="ISIC_bad.jpg: cannot decode image"):
+    locs = [(str(p), "") for p in REAL[:30]] + [(str(bad), "")] + [(str(p), "") for p in REAL[30:40]]
+    with pytest.raises(DataError, match=f"^{bad}: cannot decode image"):
         load_images(locs, SIZE, LIMIT, workers=2)
 
 
+def test_no_images_gives_an_empty_array():
+    assert load_images([], SIZE, LIMIT, workers=2).shape == (0, 75, 100, 3)
+
+
 def test_image_array_round_trip_without_pickle(tmp_path):
-    images = np.random.default_rng(0).integers(0, 255, (3, 8, 9, 3), dtype=np.uint8)
-    save_image_array(tmp_path / "a.npz", images, ["a", "b", "c"])
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 9, 3), dtype=np.uint8)
+    save_image_array(tmp_path / "a.npz", pixels, ["ISIC_1", "ISIC_2", "ISIC_3"])
     back, ids = load_image_array(tmp_path / "a.npz")
-    np.testing.assert_array_equal(back, images)
-    assert list(ids) == ["a", "b", "c"]
+    np.testing.assert_array_equal(back, pixels)
+    assert list(ids) == ["ISIC_1", "ISIC_2", "ISIC_3"]
     (tmp_path / "bad.npz").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="not a valid image array file"):
+    with pytest.raises(DataError, match="not a valid image array file .*; re-run preprocess"):
         load_image_array(tmp_path / "bad.npz")
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    w=st.integers(1, 300),
-    h=st.integers(1, 300),
-    mode=st.sampled_from(["RGB", "RGBA", "L", "LA", "CMYK", "P", "I;16", "1"]),
-    fmt=st.sampled_from(["PNG", "JPEG", "TIFF", "BMP"]),
-)
-def test_property_any_image_pillow_can_make_becomes_the_configured_array(w, h, mode, fmt):
-    try:
-        data = _encode(Image.new(mode, (w, h)), fmt)
-    except (OSError, KeyError, ValueError):
-        return  # this format cannot store this mode; nothing to decode
-    arr = decode_image(data, (24, 32), LIMIT, "x")
-    assert arr.shape == (24, 32, 3) and arr.dtype == np.uint8
