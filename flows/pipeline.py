@@ -18,7 +18,7 @@ from lesionml import tracking
 from lesionml.config import load_params
 from lesionml.data.source import source_signature
 from lesionml.data.split import split_counts
-from tasks import data, model
+from tasks import data
 from tasks._stage import run_stage
 
 @flow(name="lesionml-pipeline", log_prints=True)
@@ -72,6 +72,8 @@ def pipeline(
     result = {"cached": cached, "artifacts": artifacts, "workspace": workspace}
     if until != "evaluate":
         return result
+    from tasks import model  # imported here: scikit-learn, Keras and MLflow cost seconds a data-only run never needs
+
     commit = tracking.git_commit(Path(params_file).parent)
     parent = _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, commit)
     ok = False
