@@ -54,6 +54,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
     out["per_class"] = {
         c: {k: float(report[c][k]) for k in ("precision", "recall", "f1-score", "support")} for c in CLASSES
     }
+    for k, c in enumerate(CLASSES):  # one-vs-rest AUC, defined when the class is present and not alone
+        if 0 < (y_true == k).sum() < len(y_true):
+            out["per_class"][c]["roc_auc"] = float(skm.roc_auc_score(y_true == k, proba[:, k]))
     return out
 
 

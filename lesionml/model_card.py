@@ -14,7 +14,7 @@ def render(name: str, version: str, summary: dict, metrics: dict, release: dict,
     test, val = metrics["test"], metrics["val"]
     recall_rows = "\n".join(
         f"| {c} | {CLASS_NAMES[c]} | {test['per_class'][c]['recall']:.3f} | {test['per_class'][c]['precision']:.3f} "
-        f"| {int(test['per_class'][c]['support'])} |"
+        f"| {test['per_class'][c].get('roc_auc', float('nan')):.3f} | {int(test['per_class'][c]['support'])} |"
         for c in CLASSES
     )
     fact_rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
@@ -49,8 +49,8 @@ Trained {summary['epochs_run']} epochs; weights of epoch {summary['best_epoch']}
 
 Per class on test:
 
-| class | name | recall | precision | images |
-|---|---|---|---|---|
+| class | name | recall | precision | ROC AUC | images |
+|---|---|---|---|---|---|
 {recall_rows}
 
 ## Provenance

@@ -166,10 +166,11 @@ def evaluate(
     if run_id:
         # eval_ prefix: Keras already logs per-epoch val_loss/val_accuracy curves under those names.
         flat = {f"eval_{s}_{k}": v for s, m in metrics.items() for k, v in m.items() if isinstance(v, float)}
-        flat.update({f"eval_test_recall_{c}": m["recall"] for c, m in metrics["test"]["per_class"].items()})
-        tracking.log_metrics(run_id, flat)
+        for c, m in metrics["test"]["per_class"].items():
+            flat.update({f"eval_test_{k}_{c}": m[k] for k in ("recall", "roc_auc") if k in m})
         flat.update({f"eval_{s}_{k}_ci95_{end}": v for s, m in metrics.items() for k, ci in m["ci95"].items()
                      for end, v in zip(("low", "high"), ci)})
+        tracking.log_metrics(run_id, flat)
         for f in ("metrics.json", "predictions.csv", *figures):
             tracking.log_artifact(run_id, out / f, "evaluation")
     return {"metrics": Artifact.of(out / "metrics.json"), "predictions": Artifact.of(out / "predictions.csv")}

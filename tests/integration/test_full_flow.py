@@ -65,7 +65,8 @@ def test_mlflow_records_parent_and_nested_model_runs(full_run):
         assert [m.step for m in history] == list(range(1, summary["epochs_run"] + 1))
         for metric in ("loss", "accuracy", "val_accuracy", "learning_rate"):
             assert len(client.get_metric_history(run.info.run_id, metric)) == summary["epochs_run"]
-        for metric in ("eval_test_accuracy", "eval_test_balanced_accuracy", "eval_val_macro_f1", "eval_test_recall_mel"):
+        for metric in ("eval_test_accuracy", "eval_test_balanced_accuracy", "eval_val_macro_f1", "eval_test_recall_mel",
+                       "eval_test_roc_auc_mel", "eval_test_ece", "eval_test_balanced_accuracy_ci95_low"):
             assert metric in run.data.metrics
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"model_summary.txt", "training", "evaluation", "preprocessing"} <= names
@@ -205,6 +206,7 @@ def test_compare_prints_and_logs_the_table(full_run, capsys):
     assert main(["compare", "--last", "5", "--params", params_file]) == 0
     out = capsys.readouterr().out
     assert "| cnn |" in out and "| cnn_lstm |" in out and "balanced accuracy [95% CI]" in out
+    assert "n/a" not in out.split("Params that differ")[0], "every model row has its metrics and intervals"
     assert "Params that differ:" in out and "train.seed" in out  # the seed=5 run differs
     parent = out.strip().rsplit("MLflow run ", 1)[1].rstrip(")")
     names = {a.path for a in MlflowClient(params["tracking"]["uri"]).list_artifacts(parent)}

@@ -35,6 +35,7 @@ def test_always_nv_scores_majority_accuracy_but_chance_balanced_accuracy():
     assert m["mel_sensitivity"] == 0.0 and m["mel_specificity"] == 1.0
     assert m["per_class"]["nv"]["recall"] == 1.0 and m["per_class"]["mel"]["recall"] == 0.0
     assert m["roc_auc_macro"] == pytest.approx(0.5)
+    assert all(m["per_class"][c]["roc_auc"] == pytest.approx(0.5) for c in CLASSES)
 
 
 def test_perfect_predictions_and_zero_calibration_error():
