@@ -18,6 +18,7 @@ from lesionml import model_card, plots, tracking
 from lesionml.config import Params
 from lesionml.data.augment import build_augmenter
 from lesionml.data.metadata import CLASS_NAMES, CLASSES
+from lesionml.data.source import ImageReader
 from lesionml.data.stages import load_split_images, read_csv, read_stats, write_csv
 from lesionml.evaluation import (
     classification_metrics,
@@ -201,7 +202,8 @@ def register(
     table = split_rows.groupby(["dx", "split"]).size().unstack(fill_value=0).to_string()
     locations = read_csv(manifest).set_index("image_id")[["file", "member"]]
     test_rows = split_rows[split_rows.split == "test"].reset_index(drop=True)
-    test_bytes = [_read_location(locations.loc[i]) for i in test_rows.image_id]
+    with ImageReader() as reader:
+        test_bytes = [reader.read(*locations.loc[i]) for i in test_rows.image_id]
     params_hash = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
     versions: dict[str, str] = {}
@@ -254,8 +256,3 @@ def register(
     print(f"registry: {decision['reason']}")
     return {"decision": Artifact.of(out / "decision.json")}
 
-
-def _read_location(row: pd.Series) -> bytes:
-    from lesionml.data.source import ImageLocation
-
-    return ImageLocation(row.file, row.member or "").read_bytes()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lesionml.data.source import ImageReader
 from lesionml.errors import DataError
 from lesionml.io import atomic_path
 
@@ -81,22 +82,9 @@ def decode_image(data: bytes, size: tuple[int, int], max_pixels: int, name: str)
 
 def _decode_chunk(locations: Sequence[Location], size: tuple[int, int], max_pixels: int) -> np.ndarray:
     out = np.empty((len(locations), size[0], size[1], 3), dtype=np.uint8)
-    archives: dict[str, zipfile.ZipFile] = {}
-    try:
-        for k, loc in enumerate(locations):
-            file, member = loc
-            try:
-                if member:
-                    zf = archives.get(file) or archives.setdefault(file, zipfile.ZipFile(file))
-                    data = zf.read(member)
-                else:
-                    data = Path(file).read_bytes()
-            except (OSError, zipfile.BadZipFile, KeyError) as exc:  # KeyError: no such zip member
-                raise DataError(f"{_describe(loc)}: cannot read ({exc})") from None
-            out[k] = decode_image(data, size, max_pixels, _describe(loc))
-    finally:
-        for zf in archives.values():
-            zf.close()
+    with ImageReader() as reader:
+        for k, (file, member) in enumerate(locations):
+            out[k] = decode_image(reader.read(file, member), size, max_pixels, _describe((file, member)))
     return out
 
 

@@ -38,11 +38,35 @@ class ImageLocation:
     def describe(self) -> str:
         return f"{self.file}:{self.member}" if self.member else self.file
 
-    def read_bytes(self) -> bytes:
-        if not self.member:
-            return Path(self.file).read_bytes()
-        with zipfile.ZipFile(self.file) as zf:
-            return zf.read(self.member)
+
+
+class ImageReader:
+    """Reads image bytes by (file, zip member), opening each archive once, not once per image.
+
+    Every failure becomes a DataError naming the file (and member).
+    """
+
+    def __init__(self) -> None:
+        self._archives: dict[str, zipfile.ZipFile] = {}
+
+    def __enter__(self) -> "ImageReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for zf in self._archives.values():
+            zf.close()
+        self._archives.clear()
+
+    def read(self, file: str, member: str = "") -> bytes:
+        where = f"{file}:{member}" if member else file
+        try:
+            if not member:
+                return Path(file).read_bytes()
+            if file not in self._archives:
+                self._archives[file] = zipfile.ZipFile(file)
+            return self._archives[file].read(member)
+        except (OSError, zipfile.BadZipFile, KeyError) as exc:  # KeyError: no such member
+            raise DataError(f"{where}: cannot read ({exc})") from None
 
 
 def _visible(path: Path) -> bool:
@@ -118,23 +142,12 @@ def source_signature(source: Path) -> str:
 
 def _hash_images(manifest: pd.DataFrame) -> list[str]:
     digests: list[str] = []
-    archives: dict[str, zipfile.ZipFile] = {}
-    try:
+    with ImageReader() as reader:
         for file, member in zip(manifest.file, manifest.member):
-            if member:
-                zf = archives.setdefault(file, zipfile.ZipFile(file))
-                try:
-                    data = zf.read(member)
-                except (zipfile.BadZipFile, OSError) as exc:
-                    raise DataError(f"{file}:{member}: cannot be read from the archive ({exc})") from None
-            else:
-                data = Path(file).read_bytes()
+            data = reader.read(file, member)
             if not data:
                 raise DataError(f"{file}{':' + member if member else ''}: image file is empty (0 bytes)")
             digests.append(hashlib.sha256(data).hexdigest())
-    finally:
-        for zf in archives.values():
-            zf.close()
     return digests
 
 
