@@ -27,13 +27,15 @@ NOT_IN_KEY = frozenset({"workers"})
 
 
 def stage_cache_key(
-    *modules: ModuleType, select: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    *code: ModuleType | Callable[..., Any], select: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 ) -> Callable[[TaskRunContext, dict[str, Any]], str]:
-    """`select` picks the inputs that define the result (default: all but NOT_IN_KEY)."""
-    code = hashlib.sha256()
-    for module in modules:
-        code.update(Path(inspect.getfile(module)).read_bytes())
-    code_digest = code.hexdigest()
+    """Key = task + the source of `code` (whole modules, or single functions where a module
+    holds several stages, so that editing one stage never invalidates its neighbours) +
+    the inputs `select` picks (default: all but NOT_IN_KEY)."""
+    digest = hashlib.sha256()
+    for obj in code:
+        digest.update(inspect.getsource(obj).encode())
+    code_digest = digest.hexdigest()
 
     def key(ctx: TaskRunContext, inputs: dict[str, Any]) -> str:
         h = hashlib.sha256()

@@ -7,8 +7,9 @@ from typing import Any
 
 from prefect import task
 
-from lesionml import evaluation, model_card, model_stages, models, training
+from lesionml import evaluation, model_card, model_stages, models, plots, training
 from lesionml.config import Params
+from lesionml.data import stages
 from lesionml.io import Artifact
 from lesionml.tracking import RunContext
 from lesionml.workspace import Workspace
@@ -30,7 +31,10 @@ def _train_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 
 @task(
     name="train",
-    cache_key_fn=stage_cache_key(model_stages, models, training, *models.modules(), select=_train_key_inputs),
+    cache_key_fn=stage_cache_key(
+        model_stages.train, model_stages._train, model_stages._labels, stages.load_split_images, stages.read_stats,
+        models, training, *models.modules(), select=_train_key_inputs
+    ),
     retries=1,
     retry_delay_seconds=10,
     retry_condition_fn=retry_transient,
@@ -50,7 +54,7 @@ def train(
     return as_dicts(out)
 
 
-@task(name="evaluate", cache_key_fn=stage_cache_key(model_stages, evaluation), retries=1, retry_condition_fn=retry_transient)
+@task(name="evaluate", cache_key_fn=stage_cache_key(model_stages.evaluate, model_stages._labels, stages.load_split_images, evaluation, plots), retries=1, retry_condition_fn=retry_transient)
 def evaluate(name: str, model_keras: dict, summary_json: dict, images_npz: dict, split_csv: dict, workspace: str) -> dict:
     out = model_stages.evaluate(
         name,
@@ -71,7 +75,7 @@ def _register_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 
 @task(
     name="register",
-    cache_key_fn=stage_cache_key(model_stages, model_card, select=_register_key_inputs),
+    cache_key_fn=stage_cache_key(model_stages.register, model_card, select=_register_key_inputs),
     retries=1, retry_condition_fn=retry_transient)
 def register(
     models: dict, manifest_csv: dict, release_json: dict, split_csv: dict, workspace: str, params: dict, git_commit: str
