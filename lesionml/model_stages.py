@@ -65,8 +65,7 @@ def _train(
     name: str, images: Artifact, split: Artifact, stats: Artifact, ws: Workspace, params: Params, run_id: str | None
 ) -> dict[str, Artifact]:
     seed_everything(params.train.seed, params.train.deterministic)
-    train_x, train_rows = load_split_images(images, split, "train")
-    val_x, val_rows = load_split_images(images, split, "val")
+    (train_x, train_rows), (val_x, val_rows) = load_split_images(images, split, "train", "val")
     norm = read_stats(stats)
     image_size = (int(train_x.shape[1]), int(train_x.shape[2]))
     model_cfg = getattr(params.models, name)
@@ -142,8 +141,7 @@ def evaluate(
     metrics: dict[str, dict] = {}
     tables = []
     figures = []
-    for which in ("val", "test"):
-        x, rows = load_split_images(images, split, which)
+    for which, (x, rows) in zip(("val", "test"), load_split_images(images, split, "val", "test")):
         proba = predict_proba(model, x)
         y = _labels(rows)
         m = classification_metrics(y, proba)

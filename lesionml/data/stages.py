@@ -73,22 +73,28 @@ def split(metadata: Artifact, ws: Workspace, cfg: SplitConfig) -> dict[str, Arti
     return {"split": write_csv(ws.split, assignment)}
 
 
-def load_split_images(images: Artifact, split: Artifact, which: str) -> tuple[np.ndarray, pd.DataFrame]:
-    """The images of one split with their split rows, aligned by image_id."""
+def load_split_images(images: Artifact, split: Artifact, *which: str) -> list[tuple[np.ndarray, pd.DataFrame]]:
+    """(images, split rows) of each split named in `which`, aligned by image_id.
+
+    The array file is verified and read once however many splits are asked for.
+    """
     if not images.is_intact():
         raise DataError(f"{images.path}: changed or missing since it was produced; re-run the pipeline")
     pixels, ids = load_image_array(images.path)
-    rows = read_csv(split)
-    rows = rows[rows.split == which].reset_index(drop=True)
+    all_rows = read_csv(split)
     index = pd.Series(np.arange(len(ids)), index=ids)
-    missing = rows.image_id[~rows.image_id.isin(index.index)]
+    missing = all_rows.image_id[~all_rows.image_id.isin(index.index)]
     if len(missing):
         raise DataError(f"{split.path}: {len(missing)} image_ids not in {images.path}, e.g. {missing.iloc[0]}")
-    return pixels[index[rows.image_id].to_numpy()], rows
+    out = []
+    for name in which:
+        rows = all_rows[all_rows.split == name].reset_index(drop=True)
+        out.append((pixels[index[rows.image_id].to_numpy()], rows))
+    return out
 
 
 def normalize(images: Artifact, split: Artifact, ws: Workspace) -> dict[str, Artifact]:
-    train, _ = load_split_images(images, split, "train")
+    [(train, _)] = load_split_images(images, split, "train")
     write_json(ws.stats, fit_stats(train).to_dict())
     return {"stats": Artifact.of(ws.stats)}
 
@@ -99,7 +105,7 @@ def read_stats(stats: Artifact) -> NormStats:
 
 def augment(images: Artifact, split: Artifact, ws: Workspace, cfg: AugmentConfig) -> dict[str, Artifact]:
     """Record the augmentation spec and draw the preview grid from training images."""
-    train, rows = load_split_images(images, split, "train")
+    [(train, rows)] = load_split_images(images, split, "train")
     rng = np.random.default_rng(cfg.seed)
     # One image per class first, so the preview shows every diagnosis when it can.
     firsts = rows.groupby("dx").head(1).index.to_numpy()
