@@ -108,10 +108,9 @@ def _print_summary(result: dict, seconds: float) -> None:
         print("\nimages per class and split:")
         print(table.to_string())
     if "preprocess.images" in arts:
-        import numpy as np
+        from lesionml.data.images import image_array_shape
 
-        with np.load(arts["preprocess.images"]["path"]) as npz:
-            shape = npz["images"].shape
+        shape = image_array_shape(arts["preprocess.images"]["path"])
         print(f"\nimage array  {shape[0]} x {shape[1]}x{shape[2]}x{shape[3]} uint8 (N x height x width x RGB)")
     _print_model_results(arts)
     if result.get("mlflow_run_id"):

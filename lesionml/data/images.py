@@ -130,6 +130,18 @@ def save_image_array(path: Path, images: np.ndarray, image_ids: Sequence[str]) -
             np.savez(fh, images=images, image_ids=np.asarray(image_ids, dtype=str))
 
 
+def image_array_shape(path: Path | str) -> tuple[int, ...]:
+    """Shape of the pixel array in a save_image_array file, from its header alone (no pixels read)."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("images.npy") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(fh)
+            return tuple(shape)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a valid image array file ({exc}); re-run preprocess") from None
+
+
 def load_image_array(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """(images, image_ids) as written by save_image_array; never unpickles."""
     try:

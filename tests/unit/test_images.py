@@ -253,3 +253,14 @@ def test_image_array_round_trip_without_pickle(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"garbage")
     with pytest.raises(DataError, match="not a valid image array file .*; re-run preprocess"):
         load_image_array(tmp_path / "bad.npz")
+
+
+def test_image_array_shape_reads_only_the_header(tmp_path):
+    from lesionml.data.images import image_array_shape
+
+    images = np.zeros((5, 7, 9, 3), np.uint8)
+    save_image_array(tmp_path / "a.npz", images, list("abcde"))
+    assert image_array_shape(tmp_path / "a.npz") == (5, 7, 9, 3)
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="not a valid image array file"):
+        image_array_shape(tmp_path / "bad.npz")
