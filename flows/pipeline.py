@@ -99,6 +99,7 @@ def pipeline(
                 summary_json=trained["summary"],
                 images_npz=prep["images"],
                 split_csv=split["split"],
+                params=params.section("evaluate"),
             )
         registered = stage(
             "register",

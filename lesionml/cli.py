@@ -89,6 +89,8 @@ class _NoTracebackForUserErrors(logging.Filter):
 def _quiet_environment() -> None:
     """Defaults for noisy libraries; anything the user set explicitly wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server may need more than Prefect's default 20 s on a busy small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForUserErrors())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,18 +17,7 @@ from sklearn import metrics as skm
 
 from lesionml.data.metadata import CLASSES
 
-if TYPE_CHECKING:
-    import keras
-
 MELANOMA = CLASSES.index("mel")
-
-
-def predict_proba(model: "keras.Model", images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    from lesionml.data.augment import make_dataset
-
-    ds = make_dataset(images, np.zeros(len(images), dtype=np.int64), batch_size).map(lambda x, y: x)
-    proba = np.asarray(model.predict(ds, verbose=0), dtype=np.float64)
-    return proba / proba.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 only within 1e-7
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
@@ -97,23 +86,32 @@ def _lesion_resamples(lesions: np.ndarray, n: int, seed: int) -> Iterator[np.nda
 
 
 def lesion_bootstrap(
-    y_true: np.ndarray, y_pred: np.ndarray, lesions: np.ndarray, n: int = 1000, seed: int = 0
+    y_true: np.ndarray, proba: np.ndarray, lesions: np.ndarray, n: int = 1000, seed: int = 0
 ) -> dict[str, tuple[float, float]]:
-    """95% intervals for accuracy and balanced accuracy, resampling lesions (not images).
+    """95% intervals of the headline metrics, resampling lesions (not images).
 
     Images of one lesion are correlated; resampling them independently would understate
-    the uncertainty, so whole lesions are drawn with replacement.
+    the uncertainty, so whole lesions are drawn with replacement. The AUC interval uses
+    the resamples in which every class is present (where macro AUC is defined).
     """
-    acc, bal = [], []
+    labels = list(range(len(CLASSES)))
+    y_pred = proba.argmax(axis=1)
+    scores: dict[str, list[float]] = {k: [] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_sensitivity",
+                                                      "roc_auc_macro")}
     with warnings.catch_warnings():  # a resample may miss a rare class; that is expected
         warnings.simplefilter("ignore", UserWarning)
         for idx in _lesion_resamples(lesions, n, seed):
-            acc.append(skm.accuracy_score(y_true[idx], y_pred[idx]))
-            bal.append(skm.balanced_accuracy_score(y_true[idx], y_pred[idx]))
-    return {
-        "accuracy": (float(np.percentile(acc, 2.5)), float(np.percentile(acc, 97.5))),
-        "balanced_accuracy": (float(np.percentile(bal, 2.5)), float(np.percentile(bal, 97.5))),
-    }
+            t, p = y_true[idx], y_pred[idx]
+            scores["accuracy"].append(skm.accuracy_score(t, p))
+            scores["balanced_accuracy"].append(skm.balanced_accuracy_score(t, p))
+            scores["macro_f1"].append(skm.f1_score(t, p, labels=labels, average="macro", zero_division=0))
+            if (t == MELANOMA).any():
+                scores["mel_sensitivity"].append(((p == MELANOMA) & (t == MELANOMA)).sum() / (t == MELANOMA).sum())
+            if len(np.unique(t)) == len(labels):
+                scores["roc_auc_macro"].append(
+                    skm.roc_auc_score(t, proba[idx], multi_class="ovr", average="macro", labels=labels)
+                )
+    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in scores.items() if v}
 
 
 def paired_bootstrap(

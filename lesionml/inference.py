@@ -54,8 +54,28 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+def predict_proba(model: "keras.Model", images: np.ndarray, tta: bool = False, batch_size: int = 128) -> np.ndarray:
+    """Class probabilities of uint8 images (N, H, W, 3), as float64 rows summing to 1.
+
+    With `tta`, the average over the image and its three mirror images (horizontal,
+    vertical, both): dermoscopy has no "up" or "left", so all four are equally valid views,
+    and averaging them removes some of the model's orientation noise. Evaluation, the
+    registry's champion re-run, `lesionml predict` and the served model all come here, so
+    reported metrics are those of what is deployed.
+    """
+    from lesionml.data.augment import make_dataset
+
+    views = [images] + ([images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]] if tta else [])
+    proba = sum(
+        np.asarray(model.predict(make_dataset(np.ascontiguousarray(v), batch_size=batch_size), verbose=0),
+                   dtype=np.float64)
+        for v in views
+    )
+    return proba / proba.sum(axis=1, keepdims=True)  # also: a float32 softmax sums to 1 only within 1e-7
+
+
 def predict_images(
-    model: "keras.Model", items: Sequence[tuple[str, bytes | None]], batch_size: int = 64
+    model: "keras.Model", items: Sequence[tuple[str, bytes | None]], tta: bool = False, batch_size: int = 64
 ) -> list[Prediction]:
     """(name, bytes) pairs -> one Prediction each, in order; bytes=None means unreadable."""
     height, width = model.input_shape[1:3]
@@ -72,7 +92,7 @@ def predict_images(
         except DataError as exc:
             results[k].error = str(exc)
     if ok:
-        proba = np.asarray(model.predict(np.stack(arrays).astype(np.float32), batch_size=batch_size, verbose=0))
+        proba = predict_proba(model, np.stack(arrays), tta, batch_size)
         for k, p in zip(ok, proba):
             results[k].predicted = CLASSES[int(p.argmax())]
             results[k].probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p)}

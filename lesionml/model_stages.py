@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lesionml import model_card, plots, tracking
-from lesionml.config import Params
-from lesionml.data.augment import build_augmenter
+from lesionml.config import EvaluateConfig, Params
 from lesionml.data.metadata import CLASS_NAMES, CLASSES
 from lesionml.data.source import ImageReader
 from lesionml.data.stages import load_split_images, read_csv, read_stats, write_csv
@@ -25,9 +24,9 @@ from lesionml.evaluation import (
     expected_calibration_error,
     lesion_bootstrap,
     paired_bootstrap,
-    predict_proba,
     predictions_table,
 )
+from lesionml.inference import predict_proba
 from lesionml.io import Artifact, write_json, write_text
 from lesionml.models import build_model
 from lesionml.training import fit, seed_everything
@@ -90,7 +89,7 @@ def _train(
         params.train,
         workdir,
         ws.model_file(name),
-        augmenter=build_augmenter(params.augment),
+        augment=params.augment,
         n_classes=len(CLASSES),
         epoch_hooks=hooks,
     )
@@ -131,7 +130,8 @@ def _train(
 
 
 def evaluate(
-    name: str, model_file: Artifact, summary: Artifact, images: Artifact, split: Artifact, ws: Workspace
+    name: str, model_file: Artifact, summary: Artifact, images: Artifact, split: Artifact, ws: Workspace,
+    cfg: EvaluateConfig,
 ) -> dict[str, Artifact]:
     """Metrics and predictions of one trained model on the validation and test splits."""
     import keras
@@ -142,11 +142,11 @@ def evaluate(
     tables = []
     figures = []
     for which, (x, rows) in zip(("val", "test"), load_split_images(images, split, "val", "test")):
-        proba = predict_proba(model, x)
+        proba = predict_proba(model, x, cfg.tta)
         y = _labels(rows)
         m = classification_metrics(y, proba)
         m["ece"] = expected_calibration_error(y, proba)
-        m["ci95"] = lesion_bootstrap(y, proba.argmax(axis=1), rows.lesion_id.to_numpy())
+        m["ci95"] = lesion_bootstrap(y, proba, rows.lesion_id.to_numpy(), cfg.bootstrap)
         metrics[which] = m
         table = predictions_table(rows, proba)
         tables.append(table.assign(split=which))
@@ -210,7 +210,7 @@ def register(
         summary = json.loads(Path(arts["summary"].path).read_text())
         metrics = json.loads(Path(arts["metrics"].path).read_text())
         val_scores[name] = metrics["val"][reg.promotion_metric]
-        uri = tracking.log_classifier(summary["run_id"], Path(arts["model"].path), test_bytes[0])
+        uri = tracking.log_classifier(summary["run_id"], Path(arts["model"].path), test_bytes[0], params.evaluate.tta)
         facts = {"architecture": name, "MLflow run": summary["run_id"], "git commit": git_commit,
                  "params hash": params_hash, "data fingerprint": rel["fingerprint"]}
         tags = {**facts, **{f"test_{k}": f"{metrics['test'][k]:.4f}" for k in

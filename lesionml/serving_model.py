@@ -38,6 +38,8 @@ class LesionClassifier(PythonModel):
         import keras
 
         self.model = keras.saving.load_model(context.artifacts["keras_model"], safe_mode=True)
+        # Test-time augmentation as the model was evaluated with it (set at registration).
+        self.tta = bool((context.model_config or {}).get("tta", False))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from lesionml.inference import predict_images, read_files
@@ -49,7 +51,7 @@ class LesionClassifier(PythonModel):
         else:
             raise ValueError("input needs a column 'image' (bytes or base64) or 'path'")
         rows = []
-        for r in predict_images(self.model, items):
+        for r in predict_images(self.model, items, self.tta):
             row = {"predicted": r.predicted or "", "name": r.name or "", "error": r.error or ""}
             row.update({f"p_{c}": r.probabilities.get(c, float("nan")) for c in CLASSES})
             rows.append(row)

@@ -1,12 +1,18 @@
-"""Compile and fit a model: seeds, class weights, callbacks, resumable checkpoints.
+"""Compile and fit a model: seeds, class weights, learning-rate schedule, resumable checkpoints.
 
 Design points:
-- The best epoch (by `train.monitor`) is what gets saved and evaluated, never simply
-  the last one; the best weights and the score they reached are persisted on disk, so
-  that a resumed run still knows its best from before the interruption.
-- BackupAndRestore writes the training state at every epoch end: a killed run resumes
-  from its last finished epoch. The backup folder is keyed by the training inputs, so a
-  run with different params never resumes someone else's half-trained weights.
+- An explicit loop over epochs, one `model.fit(epochs=1)` each, instead of Keras callbacks:
+  every piece of training state (weights, optimizer moments, dropout seed states, the
+  best epoch so far and its weights, the early-stopping and plateau counters, the history)
+  lives in ONE checkpoint file written atomically at every epoch end. A run killed at any
+  moment resumes from its last finished epoch, and never from a half-written state.
+- Epoch k shuffles and augments with a seed derived from (train.seed, k), so what epoch k
+  sees does not depend on whether the run was interrupted before it: with
+  `train.deterministic: true` a resumed run ends with the same weights as an
+  uninterrupted one.
+- The best epoch (by `train.monitor`) is what gets saved and evaluated, never simply the
+  last one. Validation metrics are computed here, unweighted, so `val_loss` means the
+  same thing whatever the class weights or label smoothing.
 - The model file is written to a temp name and renamed: a later stage never loads a
   half-written model.
 """
@@ -14,9 +20,10 @@ Design points:
 from __future__ import annotations
 
 import json
-import os
+import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +32,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from lesionml.config import TrainConfig
+from lesionml.config import AugmentConfig, TrainConfig
 from lesionml.data.augment import make_dataset
-from lesionml.io import atomic_path, write_json
+from lesionml.io import atomic_path
 
 if TYPE_CHECKING:
     import keras
 
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
+HISTORY_COLUMNS = (
+    "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy", "learning_rate", "seconds"
+)
 EpochHook = Callable[[int, dict[str, float]], None]
+CHECKPOINT = "checkpoint.npz"
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -48,81 +58,92 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
-    """'balanced' weights, n_samples / (n_classes_present * count): rare classes count more."""
-    from sklearn.utils.class_weight import compute_class_weight
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling/augmentation seed of one epoch: fixed by (run seed, epoch) alone."""
+    return (seed * 1_000_003 + epoch) % (2**31 - 1)
 
-    present = np.unique(labels)
-    weights = compute_class_weight("balanced", classes=present, y=labels)
+
+def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> dict[int, float]:
+    """Balanced weights n / (k * count) raised to `power`, rescaled to average 1 per image.
+
+    power 1 is scikit-learn's 'balanced' (a mistake on a rare class costs as much in total as
+    one on nv); 0 is no weighting; in between softens the trade. Rescaling keeps the loss,
+    and so the useful learning rate, on the same scale whatever the power. Classes absent
+    from `labels` get weight 1.
+    """
+    present, counts = np.unique(labels, return_counts=True)
+    raw = (len(labels) / (len(present) * counts)) ** power
+    raw = raw / (raw * counts).sum() * len(labels)
     out = {int(c): 1.0 for c in range(n_classes)}
-    out.update({int(c): float(w) for c, w in zip(present, weights)})
+    out.update({int(c): float(w) for c, w in zip(present, raw)})
     return out
 
 
-def _keras_callbacks():
-    import keras
+def learning_rate(cfg: TrainConfig, epoch: int, plateau_lr: float) -> float:
+    """The rate for 0-based `epoch`: linear warm-up then cosine to 0, or the plateau rule's rate."""
+    if cfg.lr_schedule == "plateau":
+        return plateau_lr
+    warmup = min(cfg.warmup_epochs, cfg.epochs - 1)
+    if epoch < warmup:
+        return cfg.learning_rate * (epoch + 1) / (warmup + 1)
+    progress = (epoch - warmup) / max(1, cfg.epochs - warmup)
+    return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    class EpochLog(keras.callbacks.Callback):
-        """One line per epoch, a history CSV rewritten atomically each epoch, and hooks."""
 
-        def __init__(self, path: Path, epochs: int, n_train: int, hooks: list[EpochHook]):
-            super().__init__()
-            self.path, self.epochs, self.n_train, self.hooks = path, epochs, n_train, hooks
-            self.rows: list[dict[str, float]] = []
+def _validation_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    from sklearn import metrics as skm
 
-        def on_train_begin(self, logs=None):
-            if self.path.exists():
-                self.rows = pd.read_csv(self.path).to_dict("records")
+    proba = proba / proba.sum(axis=1, keepdims=True)  # a float32 softmax sums to 1 only within 1e-7
+    pred = proba.argmax(axis=1)
+    with warnings.catch_warnings():  # a class predicted but absent from val is fine here
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = skm.balanced_accuracy_score(y, pred)
+    return {
+        "val_loss": float(skm.log_loss(y, np.clip(proba, 1e-7, 1), labels=list(range(proba.shape[1])))),
+        "val_accuracy": float((pred == y).mean()),
+        "val_balanced_accuracy": float(balanced),
+    }
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self.rows = [r for r in self.rows if r["epoch"] <= epoch]  # drop epochs being redone
-            self.started = time.perf_counter()
 
-        def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
-            seconds = time.perf_counter() - self.started
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            row = {k: float(logs.get(k, np.nan)) for k in HISTORY_COLUMNS[1:5]}
-            row.update(epoch=epoch + 1, learning_rate=lr, seconds=seconds)
-            self.rows.append(row)
-            with atomic_path(self.path) as tmp:
-                pd.DataFrame(self.rows, columns=list(HISTORY_COLUMNS)).to_csv(tmp, index=False)
-            print(
-                f"epoch {epoch + 1:>3}/{self.epochs}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  |  "
-                f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  |  lr {lr:.2e}  |  "
-                f"{seconds:.1f} s, {self.n_train / seconds:.0f} img/s",
-                flush=True,
-            )
-            for hook in self.hooks:
-                hook(epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
+class Checkpoint:
+    """Everything a resumed run needs, in one file replaced atomically at every epoch end.
 
-    class BestWeights(keras.callbacks.Callback):
-        """Keep the best epoch's weights on disk (with its score) and restore them at the end."""
+    Arrays: the model's variables (weights, batch-norm statistics, dropout seed states),
+    the optimizer's variables (step, moments), and the best epoch's model variables; plus
+    the loop state (epochs done, best score, counters, history rows) as JSON text.
+    Nothing is pickled.
+    """
 
-        def __init__(self, folder: Path, monitor: str):
-            super().__init__()
-            self.weights = folder / "best.weights.h5"
-            self.state = folder / "best.json"
-            self.monitor = monitor
-            self.sign = -1.0 if monitor.endswith("loss") else 1.0
+    def __init__(self, folder: Path):
+        self.path = folder / CHECKPOINT
 
-        def on_train_begin(self, logs=None):
-            self.best = json.loads(self.state.read_text()) if self.state.exists() else None
+    def save(self, model: "keras.Model", best: list[np.ndarray], state: dict[str, Any]) -> None:
+        arrays = {f"m{i}": np.asarray(v) for i, v in enumerate(model.variables)}
+        arrays |= {f"o{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)}
+        arrays |= {f"b{i}": w for i, w in enumerate(best)}
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, state=np.asarray(json.dumps(state)), **arrays)
 
-        def on_epoch_end(self, epoch, logs=None):
-            value = float((logs or {})[self.monitor])
-            if self.best is None or self.sign * value > self.sign * self.best["value"]:
-                self.best = {"value": value, "epoch": epoch + 1}
-                tmp = self.weights.with_name(f".tmp-{os.getpid()}.weights.h5")
-                self.model.save_weights(tmp)
-                os.replace(tmp, self.weights)
-                write_json(self.state, self.best)
-
-        def on_train_end(self, logs=None):
-            if self.weights.exists():
-                self.model.load_weights(self.weights)
-
-    return EpochLog, BestWeights
+    def load(self, model: "keras.Model") -> tuple[list[np.ndarray], dict[str, Any]] | None:
+        """Restore model and optimizer in place; None if there is no usable checkpoint."""
+        if not self.path.exists():
+            return None
+        with np.load(self.path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        targets = [("m", model.variables), ("o", model.optimizer.variables)]
+        if any(
+            len(variables) != sum(k.startswith(p) and k[1:].isdigit() for k in arrays)
+            or any(tuple(v.shape) != arrays[f"{p}{i}"].shape for i, v in enumerate(variables))
+            for p, variables in targets
+        ):
+            print(f"{self.path}: checkpoint does not match this model (the code changed); starting afresh")
+            return None
+        for p, variables in targets:
+            for i, v in enumerate(variables):
+                v.assign(arrays[f"{p}{i}"])
+        best = [arrays[f"b{i}"] for i in range(len(model.variables))]
+        return best, json.loads(str(arrays["state"]))
 
 
 @dataclass(frozen=True)
@@ -132,8 +153,14 @@ class FitResult:
     epochs_run: int
     best_epoch: int
     best_value: float
-    seconds: float
+    seconds: float  # wall time of all epochs (training + validation), across resumes
     train_images_per_second: float
+
+
+def _improved(monitor: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if monitor.endswith("loss") else value > best
 
 
 def fit(
@@ -144,51 +171,93 @@ def fit(
     workdir: Path,
     out_model: Path,
     *,
-    augmenter: "keras.Sequential | None" = None,
+    augment: AugmentConfig | None = None,
     n_classes: int,
     epoch_hooks: list[EpochHook] | None = None,
 ) -> FitResult:
-    """Train `model` and save its best-epoch weights as a complete .keras file at `out_model`."""
+    """Train `model` and save its best-epoch weights as a complete .keras file at `out_model`.
+
+    `workdir` holds the checkpoint and history of this training run: a later call with the
+    same workdir resumes after the last finished epoch.
+    """
     import keras
 
     workdir.mkdir(parents=True, exist_ok=True)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate),
-        loss="sparse_categorical_crossentropy",
+        optimizer=keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=["accuracy"],
     )
-    train_ds = make_dataset(train[0], train[1], cfg.batch_size, augmenter=augmenter, shuffle_seed=cfg.seed)
-    val_ds = make_dataset(val[0], val[1], cfg.batch_size)
-    EpochLog, BestWeights = _keras_callbacks()
+    model.optimizer.build(model.trainable_variables)
+    checkpoint = Checkpoint(workdir)
+    restored = checkpoint.load(model)
+    if restored:
+        best_weights, state = restored
+        print(f"resuming after epoch {state['epoch']} from {checkpoint.path}")
+    else:
+        best_weights = [np.asarray(v) for v in model.variables]
+        state = {"epoch": 0, "best": None, "best_epoch": 0, "wait": 0, "plateau_wait": 0,
+                 "plateau_lr": cfg.learning_rate, "rows": [], "wall_seconds": 0.0}
+    weight_of = class_weights(train[1], n_classes, cfg.class_weight_power)
+    sample_weights = np.array([weight_of[int(c)] for c in train[1]], dtype=np.float32)
+    val_ds = make_dataset(val[0], batch_size=cfg.batch_size)
     history = workdir / "history.csv"
-    best = BestWeights(workdir, cfg.monitor)
-    callbacks: list[Any] = [
-        keras.callbacks.BackupAndRestore(str(workdir / "backup")),
-        best,
-        keras.callbacks.EarlyStopping(monitor=cfg.monitor, patience=cfg.early_stopping_patience),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor=cfg.monitor, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr, verbose=0
-        ),
-        EpochLog(history, cfg.epochs, len(train[0]), epoch_hooks or []),
-    ]
-    weights = class_weights(train[1], n_classes) if cfg.class_weighting else None
-    started = time.perf_counter()
-    model.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.epochs, class_weight=weights, callbacks=callbacks, shuffle=False, verbose=0
-    )
-    seconds = time.perf_counter() - started
+    hooks = epoch_hooks or []
+    for epoch in range(state["epoch"], cfg.epochs):
+        if cfg.early_stopping_patience and state["wait"] >= cfg.early_stopping_patience:
+            print(f"early stop: {cfg.monitor} has not improved for {state['wait']} epochs")
+            break
+        lr = learning_rate(cfg, epoch, state["plateau_lr"])
+        model.optimizer.learning_rate.assign(lr)
+        seed = epoch_seed(cfg.seed, epoch)
+        train_ds = make_dataset(
+            train[0], train[1], cfg.batch_size, n_classes=n_classes, sample_weights=sample_weights,
+            augment=augment, seed=seed,
+        )
+        tick = time.perf_counter()
+        logs = model.fit(train_ds, epochs=1, shuffle=False, verbose=0).history  # the dataset shuffles
+        seconds = time.perf_counter() - tick
+        val_metrics = _validation_metrics(val[1], np.asarray(model.predict(val_ds, verbose=0), dtype=np.float64))
+        row = {"epoch": epoch + 1, "loss": float(logs["loss"][0]), "accuracy": float(logs["accuracy"][0]),
+               **val_metrics, "learning_rate": lr, "seconds": seconds}
+        value = val_metrics[cfg.monitor]
+        if _improved(cfg.monitor, value, state["best"]):
+            state.update(best=value, best_epoch=epoch + 1, wait=0, plateau_wait=0)
+            best_weights = [np.asarray(v) for v in model.variables]
+        else:
+            state["wait"] += 1
+            state["plateau_wait"] += 1
+            if state["plateau_wait"] >= cfg.lr_patience:
+                state.update(plateau_lr=max(state["plateau_lr"] * cfg.lr_factor, cfg.min_lr), plateau_wait=0)
+        state["epoch"] = epoch + 1
+        state["rows"].append(row)
+        state["wall_seconds"] += time.perf_counter() - tick
+        checkpoint.save(model, best_weights, state)
+        with atomic_path(history) as tmp:
+            pd.DataFrame(state["rows"], columns=list(HISTORY_COLUMNS)).to_csv(tmp, index=False)
+        print(
+            f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  |  "
+            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  "
+            f"val_bal_acc {row['val_balanced_accuracy']:.4f}  |  lr {lr:.2e}  |  "
+            f"{seconds:.1f} s, {len(train[0]) / seconds:.0f} img/s",
+            flush=True,
+        )
+        for hook in hooks:
+            hook(epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
+    for v, w in zip(model.variables, best_weights):
+        v.assign(w)
     with atomic_path(out_model.with_suffix(".keras")) as tmp:
-        keras_tmp = tmp.with_suffix(".keras")
+        keras_tmp = tmp.with_suffix(".keras")  # Keras insists on the suffix
         model.save(keras_tmp)
-        os.replace(keras_tmp, tmp)
-    rows = pd.read_csv(history)
-    epoch_seconds = rows.seconds.sum()
+        keras_tmp.replace(tmp)
+    rows = pd.DataFrame(state["rows"])
+    epoch_seconds = float(rows.seconds.sum())
     return FitResult(
         model_path=out_model,
         history_path=history,
         epochs_run=len(rows),
-        best_epoch=int(best.best["epoch"]),
-        best_value=float(best.best["value"]),
-        seconds=seconds,
+        best_epoch=int(state["best_epoch"]),
+        best_value=float(state["best"]),
+        seconds=float(state["wall_seconds"]),
         train_images_per_second=len(train[0]) * len(rows) / epoch_seconds if epoch_seconds else 0.0,
     )

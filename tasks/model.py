@@ -7,8 +7,8 @@ from typing import Any
 
 from prefect import task
 
-from lesionml import evaluation, model_card, model_stages, models, plots, training
-from lesionml.config import Params
+from lesionml import evaluation, inference, model_card, model_stages, models, plots, training
+from lesionml.config import EvaluateConfig, Params
 from lesionml.data import stages
 from lesionml.io import Artifact
 from lesionml.tracking import RunContext
@@ -54,8 +54,10 @@ def train(
     return as_dicts(out)
 
 
-@task(name="evaluate", cache_key_fn=stage_cache_key(model_stages.evaluate, model_stages._labels, stages.load_split_images, evaluation, plots), retries=1, retry_condition_fn=retry_transient)
-def evaluate(name: str, model_keras: dict, summary_json: dict, images_npz: dict, split_csv: dict, workspace: str) -> dict:
+@task(name="evaluate", cache_key_fn=stage_cache_key(model_stages.evaluate, model_stages._labels, stages.load_split_images, evaluation, plots, inference.predict_proba), retries=1, retry_condition_fn=retry_transient)
+def evaluate(
+    name: str, model_keras: dict, summary_json: dict, images_npz: dict, split_csv: dict, workspace: str, params: dict
+) -> dict:
     out = model_stages.evaluate(
         name,
         Artifact(**model_keras),
@@ -63,6 +65,7 @@ def evaluate(name: str, model_keras: dict, summary_json: dict, images_npz: dict,
         Artifact(**images_npz),
         Artifact(**split_csv),
         Workspace(Path(workspace)),
+        EvaluateConfig(**params),
     )
     return as_dicts(out)
 

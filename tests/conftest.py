@@ -34,6 +34,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # never in ~/.prefect, so a developer's own Prefect state cannot leak into the tests.
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # Prefect's default 20 s for its temporary server to come up is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     # A non-empty PREFECT_API_URL is a deliberate choice (run the tests against that

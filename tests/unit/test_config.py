@@ -76,7 +76,7 @@ def test_unknown_key_is_named(tmp_path, tree, key):
         ({"data": {"workers": 2.5}}, "data.workers: Input should be a valid integer"),
         ({"augment": {"horizontal_flip": "sometimes"}}, "augment.horizontal_flip: Input should be a valid boolean"),
         ({"data": {"image_size": "75x100"}}, "data.image_size: Input should be a valid tuple"),
-        ({"train": {"monitor": "loss"}}, "train.monitor: Input should be 'val_loss' or 'val_accuracy'"),
+        ({"train": {"monitor": "loss"}}, "train.monitor: Input should be 'val_loss', 'val_accuracy' or 'val_balanced_accuracy'"),
     ],
 )
 def test_wrong_type_is_named_with_the_value(tmp_path, tree, needle):

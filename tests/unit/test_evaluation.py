@@ -57,13 +57,16 @@ def test_lesion_bootstrap_interval_brackets_the_estimate_and_grows_with_correlat
     rng = np.random.default_rng(1)
     y = rng.integers(0, 7, 400)
     pred = np.where(rng.random(400) < 0.7, y, (y + 1) % 7)
-    independent = lesion_bootstrap(y, pred, np.arange(400), n=400)
+    independent = lesion_bootstrap(y, np.eye(7)[pred], np.arange(400), n=400)
     lo, hi = independent["accuracy"]
     assert lo < (pred == y).mean() < hi
+    assert set(independent) == {"accuracy", "balanced_accuracy", "macro_f1", "mel_sensitivity", "roc_auc_macro"}
+    for low, high in independent.values():
+        assert 0 <= low < high <= 1
     # The same 400 predictions, but 8 images per lesion, all right or all wrong together:
     lesions = np.repeat(np.arange(50), 8)
     y2, pred2 = np.repeat(y[:50], 8), np.repeat(pred[:50], 8)
-    grouped = lesion_bootstrap(y2, pred2, lesions, n=400)
+    grouped = lesion_bootstrap(y2, np.eye(7)[pred2], lesions, n=400)
     assert np.diff(grouped["accuracy"])[0] > np.diff(independent["accuracy"])[0] * 1.5
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from lesionml.config import MODEL_NAMES, CNNConfig, CNNLSTMConfig, TrainConfig
 from lesionml.data.normalize import NormStats
 from lesionml.models import _builders, build_model
-from lesionml.training import class_weights, fit
+from lesionml.training import Checkpoint, class_weights, fit, learning_rate
 
 STATS = NormStats((120.0, 100.0, 90.0), (40.0, 35.0, 30.0), 10)
 TINY_CNN = CNNConfig(filters=(4, 8), convs_per_block=1, dense_units=8)
@@ -52,6 +51,26 @@ def test_class_weights_are_balanced_and_cover_absent_classes():
     assert w[0] == pytest.approx(100 / (3 * 10))
     assert w[5] == pytest.approx(100 / (3 * 60))
     assert w[1] == 1.0  # absent from training: neutral
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_class_weight_power_interpolates_and_keeps_the_mean_weight_at_one(power):
+    labels = np.array([5] * 60 + [4] * 30 + [0] * 10)
+    w = class_weights(labels, 7, power)
+    assert np.mean([w[c] for c in labels]) == pytest.approx(1.0)
+    assert w[0] / w[5] == pytest.approx(6.0**power)  # 6x rarer -> 6^power times the weight
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_and_plateau_is_stateful():
+    cfg = TrainConfig(epochs=5, learning_rate=0.1, warmup_epochs=1)
+    rates = [learning_rate(cfg, e, 0.0) for e in range(5)]
+    assert rates[0] == pytest.approx(0.05)  # half-way up during the one warm-up epoch
+    assert rates[1] == pytest.approx(0.1)
+    assert rates == sorted(rates[:2]) + sorted(rates[2:], reverse=True)
+    assert rates[-1] > 0 and rates[-1] < 0.02
+    single = TrainConfig(epochs=1, learning_rate=0.1, warmup_epochs=3)  # warm-up never eats the only epoch
+    assert learning_rate(single, 0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(TrainConfig(lr_schedule="plateau"), 7, 0.004) == 0.004
 
 
 def _data(n=48, seed=0):
@@ -102,8 +121,19 @@ def test_interrupted_training_resumes_from_last_epoch(tmp_path):
     history = pd.read_csv(result.history_path)
     assert list(history.epoch) == [1, 2, 3]
     pd.testing.assert_frame_equal(history.iloc[:2], first)
-    best = json.loads((tmp_path / "work" / "best.json").read_text())
-    assert best["epoch"] == int(history.val_loss.idxmin()) + 1
+    assert result.best_epoch == int(history.val_loss.idxmin()) + 1
+
+
+def test_a_checkpoint_of_another_architecture_is_not_loaded(tmp_path, capsys):
+    x, y = _data()
+    cfg = TrainConfig(epochs=1, batch_size=16)
+    fit(build_model("cnn", TINY_CNN, (32, 40), STATS, 7), (x, y), (x[:16], y[:16]), cfg, tmp_path, tmp_path / "a.keras",
+        n_classes=7)
+    other = build_model("cnn", CNNConfig(filters=(4, 8, 16), dense_units=8), (32, 40), STATS, 7)
+    other.compile(optimizer="adamw", loss="categorical_crossentropy")
+    other.optimizer.build(other.trainable_variables)
+    assert Checkpoint(tmp_path).load(other) is None
+    assert "does not match this model" in capsys.readouterr().out
 
 
 DETERMINISM_SCRIPT = """
@@ -121,6 +151,49 @@ fit(model, (x, y), (x, y), TrainConfig(epochs=2, batch_size=8, seed=7, determini
     __import__("pathlib").Path(sys.argv[1]), __import__("pathlib").Path(sys.argv[2]), n_classes=7)
 np.save(sys.argv[3], np.concatenate([w.ravel() for w in model.get_weights()]))
 """
+
+
+RESUME_SCRIPT = """
+import sys, numpy as np
+from pathlib import Path
+from lesionml.config import AugmentConfig, CNNConfig, TrainConfig
+from lesionml.data.normalize import NormStats
+from lesionml.models import build_model
+from lesionml.training import fit, seed_everything
+work, interrupt, out = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
+rng = np.random.default_rng(0)
+x = rng.integers(0, 255, (32, 24, 24, 3)).astype(np.uint8); y = rng.integers(0, 7, 32)
+cfg = TrainConfig(epochs=3, batch_size=8, seed=7, deterministic=True, label_smoothing=0.1, class_weight_power=0.5)
+def model():
+    seed_everything(7, deterministic=True)
+    return build_model("cnn", CNNConfig(filters=(4,), convs_per_block=1, dense_units=4, dropout=0.3), (24, 24),
+                       NormStats((0.,0.,0.), (1.,1.,1.), 1), 7)
+def crash(epoch, metrics):
+    if epoch == 2:
+        raise KeyboardInterrupt
+if interrupt:
+    try:
+        fit(model(), (x, y), (x, y), cfg, work, work / "m.keras", augment=AugmentConfig(), n_classes=7, epoch_hooks=[crash])
+    except KeyboardInterrupt:
+        pass
+m = model()
+fit(m, (x, y), (x, y), cfg, work, work / "m.keras", augment=AugmentConfig(), n_classes=7)
+np.save(out, np.concatenate([np.asarray(v).ravel() for v in m.weights]))
+"""
+
+
+def test_interrupted_then_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    """Per-epoch seeds + a checkpoint holding optimizer and dropout-seed state make resume exact."""
+    weights = []
+    for k, interrupt in enumerate(("0", "1")):
+        out = tmp_path / f"w{k}.npy"
+        done = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / f"work{k}"), interrupt, str(out)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        if interrupt == "1":
+            assert "resuming after epoch 2" in done.stdout
+        weights.append(np.load(out))
+    np.testing.assert_array_equal(weights[0], weights[1])
 
 
 def test_same_seed_with_determinism_gives_identical_weights(tmp_path):

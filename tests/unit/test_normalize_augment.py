@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from lesionml.config import AugmentConfig
-from lesionml.data.augment import build_augmenter, describe, make_dataset
+from lesionml.data.augment import augment_batch, describe, make_dataset, transformations
 from lesionml.data.normalize import NormStats, fit_stats
 
-ALL_LAYERS = ["RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom", "RandomBrightness", "RandomContrast"]
+ALL = ["horizontal_flip", "vertical_flip", "rotation", "zoom", "shift", "brightness", "contrast"]
 
 
 @pytest.fixture(scope="module")
@@ -60,57 +60,63 @@ def test_apply_standardises_as_float32(pixels):
     np.testing.assert_allclose(z.reshape(-1, 3).std(axis=0), 1, atol=1e-4)
 
 
-# --- augmentation layers -------------------------------------------------------------
+# --- augmentation ----------------------------------------------------------------------
 
-
-def _layers(**switches) -> list[str]:
-    return [type(layer).__name__ for layer in build_augmenter(AugmentConfig(**switches)).layers]
-
-
-def test_default_augmenter_has_every_layer_in_order():
-    assert _layers() == ALL_LAYERS
-
-
-@pytest.mark.parametrize(
-    "switches,absent",
-    [
-        ({"horizontal_flip": False, "vertical_flip": False}, "RandomFlip"),
-        ({"rotation_degrees": 0}, "RandomRotation"),
-        ({"shift_fraction": 0}, "RandomTranslation"),
-        ({"zoom_fraction": 0}, "RandomZoom"),
-        ({"brightness": 0}, "RandomBrightness"),
-        ({"contrast": 0}, "RandomContrast"),
-    ],
-)
-def test_each_switch_removes_exactly_its_layer(switches, absent):
-    assert _layers(**switches) == [name for name in ALL_LAYERS if name != absent]
-
-
-@pytest.mark.parametrize(
-    "h,v,mode", [(True, True, "horizontal_and_vertical"), (True, False, "horizontal"), (False, True, "vertical")]
-)
-def test_flip_directions(h, v, mode):
-    flip = build_augmenter(AugmentConfig(horizontal_flip=h, vertical_flip=v)).layers[0]
-    assert type(flip).__name__ == "RandomFlip" and flip.mode == mode
-
-
-def test_layer_strengths_follow_the_params():
-    cfg = AugmentConfig(rotation_degrees=90, shift_fraction=0.2, zoom_fraction=0.3, brightness=0.25, contrast=0.4)
-    config = {type(layer).__name__: layer.get_config() for layer in build_augmenter(cfg).layers}
-    assert tuple(config["RandomRotation"]["factor"]) == (-0.25, 0.25)  # 90 degrees either way: a quarter turn
-    assert config["RandomTranslation"]["height_factor"] == config["RandomTranslation"]["width_factor"] == 0.2
-    assert config["RandomZoom"]["height_factor"] == 0.3
-    assert tuple(config["RandomBrightness"]["factor"]) == (-0.25, 0.25)
-    assert tuple(config["RandomContrast"]["factor"]) == (0.4, 0.4)
-    assert tuple(config["RandomBrightness"]["value_range"]) == tuple(config["RandomContrast"]["value_range"]) == (0, 255)
-    seeds = [c["seed"] for c in config.values()]
-    assert len(set(seeds)) == len(seeds), "each layer draws from its own seed"
+OFF = dict(horizontal_flip=False, vertical_flip=False, rotation_degrees=0, shift_fraction=0, zoom_fraction=0,
+           brightness=0, contrast=0)
 
 
 def _only(**switches) -> AugmentConfig:
-    off = dict(horizontal_flip=False, vertical_flip=False, rotation_degrees=0, shift_fraction=0, zoom_fraction=0,
-               brightness=0, contrast=0)
-    return AugmentConfig(**{**off, **switches})
+    return AugmentConfig(**{**OFF, **switches})
+
+
+def _augment(x: np.ndarray, cfg: AugmentConfig, seed=(1, 0)) -> np.ndarray:
+    import tensorflow as tf
+
+    return np.asarray(augment_batch(tf.constant(x, tf.float32), tf.constant(seed, tf.int64), cfg))
+
+
+def test_default_params_turn_on_every_transformation_and_describe_lists_them():
+    assert transformations(AugmentConfig()) == ALL
+    spec = describe(AugmentConfig())
+    assert spec["transformations"] == ALL and spec["params"]["seed"] == 42
+    json.dumps(spec)  # written as spec.json
+    assert transformations(_only()) == []
+
+
+@pytest.mark.parametrize(
+    "switch,name",
+    [({"horizontal_flip": False}, "horizontal_flip"), ({"vertical_flip": False}, "vertical_flip"),
+     ({"rotation_degrees": 0}, "rotation"), ({"zoom_fraction": 0}, "zoom"), ({"shift_fraction": 0}, "shift"),
+     ({"brightness": 0}, "brightness"), ({"contrast": 0}, "contrast")],
+)
+def test_each_switch_removes_exactly_its_transformation(switch, name):
+    assert transformations(AugmentConfig(**switch)) == [t for t in ALL if t != name]
+
+
+def test_everything_off_is_the_identity(pixels):
+    np.testing.assert_array_equal(_augment(pixels, _only()), pixels.astype(np.float32))
+
+
+@pytest.mark.parametrize("h,v", [(True, False), (False, True), (True, True)])
+def test_flips_give_exact_mirror_images_in_the_enabled_directions_only(pixels, h, v):
+    out = _augment(pixels, _only(horizontal_flip=h, vertical_flip=v))
+    x = pixels.astype(np.float32)
+    allowed = {(False, False): x, (True, False): x[:, :, ::-1], (False, True): x[:, ::-1], (True, True): x[:, ::-1, ::-1]}
+    views = {k: v_ for k, v_ in allowed.items() if (not k[0] or h) and (not k[1] or v)}
+    seen = set()
+    for i in range(len(x)):
+        match = [k for k, view in views.items() if np.array_equal(out[i], view[i])]
+        assert match, f"image {i} is not a mirror image allowed by the params"
+        seen.add(match[0])
+    assert len(seen) > 1, "some images must be flipped and some not"
+
+
+def test_geometry_keeps_shape_and_range_and_changes_pixels(pixels):
+    out = _augment(pixels, _only(rotation_degrees=180, zoom_fraction=0.2, shift_fraction=0.2))
+    assert out.shape == pixels.shape and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 255
+    assert not np.allclose(out, pixels)
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +127,8 @@ def mid_grey_batch() -> np.ndarray:
 
 def test_contrast_goes_both_ways(mid_grey_batch):
     x = mid_grey_batch
-    y = np.asarray(build_augmenter(_only(contrast=0.1))(x, training=True))
-    spread = lambda a: (a - a.mean(axis=(1, 2), keepdims=True)).std(axis=(1, 2, 3))  # noqa: E731
+    y = _augment(x, _only(contrast=0.1))
+    spread = lambda a: (a - a.mean(axis=(1, 2, 3), keepdims=True)).std(axis=(1, 2, 3))  # noqa: E731
     ratio = spread(y) / spread(x)
     assert 0.899 <= ratio.min() < 0.95, "contrast must also be lowered, by up to 10%"
     assert 1.05 < ratio.max() <= 1.101, "contrast must also be raised, by up to 10%"
@@ -130,21 +136,15 @@ def test_contrast_goes_both_ways(mid_grey_batch):
 
 def test_brightness_goes_both_ways(mid_grey_batch):
     x = mid_grey_batch
-    y = np.asarray(build_augmenter(_only(brightness=0.1))(x, training=True))
-    shift = (y - x).mean(axis=(1, 2, 3))
+    shift = (_augment(x, _only(brightness=0.1)) - x).mean(axis=(1, 2, 3))
     assert -25.6 <= shift.min() < -12 and 12 < shift.max() <= 25.6  # 10% of 0-255, either way
 
 
-def test_everything_off_is_an_empty_augmenter_and_describe_lists_the_layers():
-    off = AugmentConfig(
-        horizontal_flip=False, vertical_flip=False, rotation_degrees=0, shift_fraction=0, zoom_fraction=0,
-        brightness=0, contrast=0,
-    )
-    assert build_augmenter(off).layers == []
-    assert describe(off)["layers"] == []
-    spec = describe(AugmentConfig())
-    assert len(spec["layers"]) == 6 and spec["params"]["seed"] == 42
-    json.dumps(spec)  # written as spec.json
+def test_a_seed_gives_the_same_views_and_another_seed_other_views(pixels):
+    a, b = _augment(pixels, AugmentConfig(), (3, 0)), _augment(pixels, AugmentConfig(), (3, 0))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, _augment(pixels, AugmentConfig(), (4, 0)))
+    assert not np.allclose(a, _augment(pixels, AugmentConfig(), (3, 1)))
 
 
 # --- the tf.data pipeline ------------------------------------------------------------
@@ -159,47 +159,48 @@ def test_make_dataset_yields_float32_batches_of_the_right_shape(pixels):
     np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), labels)
 
 
+def test_images_only_one_hot_labels_and_weights(pixels):
+    x = np.concatenate([np.asarray(b) for b in make_dataset(pixels, batch_size=8)])
+    np.testing.assert_array_equal(x, pixels.astype(np.float32))
+    labels = np.arange(len(pixels)) % 7
+    weights = np.linspace(0.5, 2, len(pixels))
+    _, y, w = (np.concatenate([np.asarray(b[k]) for b in make_dataset(pixels, labels, 8, n_classes=7,
+                                                                        sample_weights=weights)]) for k in range(3))
+    np.testing.assert_array_equal(y.argmax(axis=1), labels)
+    assert y.shape == (len(pixels), 7) and y.sum() == len(pixels)
+    np.testing.assert_allclose(w, weights.astype(np.float32))
+
+
 def test_shuffled_dataset_keeps_image_label_pairs(pixels):
     labels = np.arange(len(pixels))
-    xs, ys = zip(*((np.asarray(x), np.asarray(y)) for x, y in make_dataset(pixels, labels, 8, shuffle_seed=1)))
+    xs, ys = zip(*((np.asarray(x), np.asarray(y)) for x, y in make_dataset(pixels, labels, 8, seed=1)))
     x, y = np.concatenate(xs), np.concatenate(ys)
     assert sorted(y) == list(labels) and list(y) != list(labels)
     np.testing.assert_array_equal(x, pixels[y].astype(np.float32))
 
 
-def test_augmented_batches_keep_shape_and_change_pixels(pixels):
-    labels = np.arange(len(pixels))
-    ds = make_dataset(pixels, labels, 8, augmenter=build_augmenter(AugmentConfig(seed=1)))
-    x, y = next(iter(ds))
-    x = np.asarray(x)
-    assert x.shape == (8, 16, 20, 3) and x.dtype == np.float32
-    np.testing.assert_array_equal(np.asarray(y), labels[:8])
-    assert not np.allclose(x, pixels[:8].astype(np.float32))
-
-
-def _first_batches(pixels: np.ndarray, seed: int) -> list[np.ndarray]:
-    ds = make_dataset(pixels, np.arange(len(pixels)), 8, augmenter=build_augmenter(AugmentConfig(seed=seed)))
+def _epoch(pixels: np.ndarray, seed: int) -> list[np.ndarray]:
+    ds = make_dataset(pixels, np.arange(len(pixels)), 8, augment=AugmentConfig(seed=3), seed=seed)
     return [np.asarray(x) for x, _ in ds]
 
 
-def test_augmentation_is_repeatable_for_a_seed(pixels):
-    """Two augmenters built with the same seed give the same views of the same batches."""
-    a, b = _first_batches(pixels, 3), _first_batches(pixels, 3)
+def test_augmented_epochs_are_repeatable_per_seed_and_fresh_across_seeds(pixels):
+    a, b = _epoch(pixels, 5), _epoch(pixels, 5)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
-    c = _first_batches(pixels, 4)
-    assert not np.allclose(a[0], c[0]), "another seed gives other views"
+    assert a[0].shape == (8, 16, 20, 3) and not np.allclose(a[0], a[1][: len(a[0])])
+    c = _epoch(pixels, 6)
+    assert not np.allclose(np.concatenate(a), np.concatenate(c)), "another epoch seed gives other views"
 
 
-def test_direct_call_is_repeatable_for_a_seed(pixels):
-    batch = pixels[:8].astype(np.float32)
-    a = np.asarray(build_augmenter(AugmentConfig(seed=5))(batch, training=True))
-    b = np.asarray(build_augmenter(AugmentConfig(seed=5))(batch, training=True))
-    np.testing.assert_array_equal(a, b)
-    assert not np.allclose(a, batch)
+def test_iterating_one_dataset_twice_gives_the_same_epoch(pixels):
+    """The order and the views belong to the dataset's seed, not to how often it was read."""
+    ds = make_dataset(pixels, np.arange(len(pixels)), 8, augment=AugmentConfig(seed=3), seed=5)
+    first, second = ([np.asarray(x) for x, _ in ds] for _ in range(2))
+    for x, y in zip(first, second, strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
-def test_each_epoch_draws_fresh_views(pixels):
-    ds = make_dataset(pixels, np.arange(len(pixels)), 8, augmenter=build_augmenter(AugmentConfig(seed=3)))
-    first, second = (np.asarray(next(iter(ds))[0]) for _ in range(2))
-    assert not np.allclose(first, second)
+def test_augmentation_without_a_seed_is_refused(pixels):
+    with pytest.raises(ValueError, match="needs a seed"):
+        make_dataset(pixels, np.arange(len(pixels)), 8, augment=AugmentConfig())
