@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench repro clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock
@@ -20,6 +20,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)
+
+repro: setup  # the pipeline through DVC: runs only the stages whose deps or params changed
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro $(ARGS)
 
 bench: setup
 	$(BIN)/python bench/preprocess.py $(ARGS)

@@ -1,40 +1,61 @@
 """The lesionml pipeline as a Prefect flow of cached stage tasks.
 
 The flow takes the params file and overrides as its parameters (not a parsed config),
-so a run in the Prefect UI shows exactly what was asked for and can be re-run as is.
+so a run in the Prefect UI shows exactly what was asked for and can be re-run as is. (No `from __future__ import annotations` here: Prefect builds the
+flow's parameter schema from the annotations, and a served deployment loads this module by
+file path, where postponed annotations such as `Stage` cannot be resolved.)
 """
-
-from __future__ import annotations
 
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 from prefect import flow
 
 from lesionml import tracking
-from lesionml.config import load_params
+from lesionml.config import Params, load_params
+from lesionml.errors import ConfigError, DataError
+from lesionml.provenance import run_identity
 from lesionml.data.source import source_signature
 from lesionml.data.split import split_counts
+from lesionml.workspace import STAGES, Stage, Workspace
 from tasks import data
 from tasks._stage import run_stage
+
+IDENTITY_TAG = "lesionml.identity"
+
 
 @flow(name="lesionml-pipeline", log_prints=True)
 def pipeline(
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
-    until: Literal["ingest", "augment", "evaluate"] = "evaluate",
+    until: Stage = "register",
+    models: list[str] | None = None,
 ) -> dict:
     """ingest -> preprocess -> split -> normalize -> augment -> (train -> evaluate per model) -> register.
 
+    Runs every stage up to `until`, for the `models` given (default: models.enabled).
+    Upstream stages are verified cache hits when their inputs are unchanged, which is what
+    lets `lesionml stage <name>` (one DVC stage) run through this same flow at little cost.
     Returns the artifacts and which stages were cache hits. With training included, the
     tracking store is checked first: an unreachable MLflow fails the run in seconds, not
     after the data stages and an hour of training.
     """
     params = load_params(params_file, overrides or [])
-    experiment_id = tracking.connect(params.tracking) if until == "evaluate" else None
+    chosen = list(models or params.models.enabled)
+    unknown = sorted(set(chosen) - set(params.models.enabled))
+    if unknown:
+        raise ConfigError(f"models {unknown} are not in models.enabled {list(params.models.enabled)}")
+    reach = STAGES.index(until)
+    experiment_id = tracking.connect(params.tracking) if reach >= STAGES.index("train") else None
+    ws = Workspace(params.data.workspace)
+    # A run refused for its input (bad release, bad params) leaves the last good outputs as they were.
+    with ws.lock(f"pipeline until {until}"), ws.rollback_on(DataError, ConfigError):
+        return _pipeline(params, params_file, experiment_id, reach, chosen)
+
+
+def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach: int, chosen: list[str]) -> dict:
     cfg = params.data
     ws = cfg.workspace
     workspace = str(ws)
@@ -55,8 +76,9 @@ def pipeline(
         signature=source_signature(cfg.source),
         max_archive_bytes=cfg.max_archive_bytes,
     )
-    if until == "ingest":
-        return {"cached": cached, "artifacts": artifacts, "workspace": workspace}
+    result = {"cached": cached, "artifacts": artifacts, "workspace": workspace}
+    if reach < STAGES.index("preprocess"):
+        return result
     prep = stage(
         "preprocess",
         data.preprocess,
@@ -64,22 +86,27 @@ def pipeline(
         data={"image_size": list(cfg.image_size), "max_image_pixels": cfg.max_image_pixels},
         workers=cfg.workers,
     )
+    if reach < STAGES.index("split"):
+        return result
     split = stage("split", data.split_task, metadata_csv=prep["metadata"], params=params.section("split"))
+    if reach < STAGES.index("normalize"):
+        return result
     norm = stage("normalize", data.normalize_task, images_npz=prep["images"], split_csv=split["split"])
+    if reach < STAGES.index("augment"):
+        return result
     aug = stage(
         "augment", data.augment_task, images_npz=prep["images"], split_csv=split["split"], params=params.section("augment")
     )
-    result = {"cached": cached, "artifacts": artifacts, "workspace": workspace}
-    if until != "evaluate":
+    if reach < STAGES.index("train"):
         return result
     from tasks import model  # imported here: scikit-learn, Keras and MLflow cost seconds a data-only run never needs
 
     commit = tracking.git_commit(Path(params_file).parent)
     parent = _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, commit)
-    ok = False
+    ok = store_gone = False
     evaluated: dict[str, dict] = {}
     try:
-        for name in params.models.enabled:
+        for name in chosen:
             trained = stage(
                 f"train.{name}",
                 model.train,
@@ -91,6 +118,8 @@ def pipeline(
                 run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name})),
             )
             evaluated[name] = {"model": trained["model"], "summary": trained["summary"]}
+            if reach < STAGES.index("evaluate"):
+                continue
             evaluated[name] |= stage(
                 f"evaluate.{name}",
                 model.evaluate,
@@ -101,24 +130,34 @@ def pipeline(
                 split_csv=split["split"],
                 params=params.section("evaluate"),
             )
-        registered = stage(
-            "register",
-            model.register,
-            models=evaluated,
-            manifest_csv=ingested["manifest"],
-            release_json=ingested["release"],
-            split_csv=split["split"],
-            params=params.model_dump(mode="json"),
-            git_commit=commit,
-        )
-        decision = json.loads(Path(registered["decision"]["path"]).read_text())
-        tracking.set_tags(parent, {"lesionml.promoted": str(decision["promote"]).lower(),
-                                   "lesionml.registry_decision": decision["reason"]})
+        if reach >= STAGES.index("register"):
+            registered = stage(
+                "register",
+                model.register,
+                models=evaluated,
+                manifest_csv=ingested["manifest"],
+                release_json=ingested["release"],
+                split_csv=split["split"],
+                params=params.model_dump(mode="json"),
+                git_commit=commit,
+            )
+            decision = json.loads(Path(registered["decision"]["path"]).read_text())
+            tracking.set_tags(parent, {"lesionml.promoted": str(decision["promote"]).lower(),
+                                       "lesionml.registry_decision": decision["reason"]})
+            if chosen == list(params.models.enabled):
+                # A complete run: what scheduled retraining compares with to stop early.
+                fingerprint = json.loads(Path(ingested["release"]["path"]).read_text())["fingerprint"]
+                tracking.set_tags(parent, {IDENTITY_TAG: run_identity(params, fingerprint)})
         ok = True
+    except tracking.TrackingUnavailable:
+        store_gone = True  # closing the run would only wait out the retries again
+        raise
     finally:
-        model_stages = [s for s in cached if s.startswith(("train.", "evaluate.", "register"))]
-        tracking.set_tags(parent, {"lesionml.all_cached": str(all(cached.get(s, False) for s in model_stages)).lower()})
-        tracking.end_run(parent, ok=ok)
+        if not store_gone:
+            model_stages = [s for s in cached if s.startswith(("train.", "evaluate.", "register"))]
+            all_cached = all(cached.get(s, False) for s in model_stages)
+            tracking.set_tags(parent, {"lesionml.all_cached": str(all_cached).lower()})
+            tracking.end_run(parent, ok=ok)
     result["mlflow_run_id"] = parent
     result["tracking_uri"] = tracking.tracking_uri(params.tracking)
     return result

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from lesionml.errors import LesionMLError
+from lesionml.workspace import STAGES
 
 
 def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
@@ -42,6 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", choices=["data"], help="run only part of the pipeline (data: ingest .. augment)")
     ingest = sub.add_parser("ingest", help="validate a HAM10000 release and record its manifest and fingerprint")
     _common(ingest)
+    stage = sub.add_parser(
+        "stage", help="run the pipeline up to one stage (what each dvc.yaml stage calls; upstream stages are cache hits)"
+    )
+    stage.add_argument("name", choices=STAGES)
+    stage.add_argument("--model", action="append", help="train/evaluate only this model (repeatable; default: models.enabled)")
+    _common(stage)
+    retrain = sub.add_parser(
+        "retrain", help="one scheduled-retraining run now: stop early if data, code and params are unchanged"
+    )
+    _common(retrain, source=False)
+    schedule = sub.add_parser(
+        "schedule", help="serve the retraining flow as a Prefect deployment on a cron schedule (needs PREFECT_API_URL)"
+    )
+    _common(schedule, source=False)
+    schedule.add_argument("--cron", help="5-field cron expression (default: schedule.cron in params)")
+    schedule.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
     predict = sub.add_parser("predict", help="classify image files or folders with a registered model")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--model", help="NAME@ALIAS (default: <registry.model_name>@champion)")
@@ -57,14 +74,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _schedule(args: argparse.Namespace) -> None:
+    from lesionml.config import load_params
+
+    params = load_params(args.params, args.overrides)
+    cron = args.cron or params.schedule.cron
+    _quiet_environment()
+    from prefect.schedules import Cron
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url
+    if not api:
+        raise LesionMLError(
+            "scheduling needs a running Prefect server: start one with `prefect server start --host 127.0.0.1` "
+            "and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    from flows.retrain import retrain
+
+    try:
+        schedule = Cron(cron, timezone=params.schedule.timezone)
+    except ValueError as exc:
+        raise LesionMLError(f"cron schedule '{cron}' is invalid: {exc}") from None
+    print(f"deployment lesionml-retrain/{args.name} on {api}: cron '{cron}' ({params.schedule.timezone}); "
+          "Ctrl-C stops serving (the schedule is paused)", flush=True)
+    retrain.serve(
+        name=args.name,
+        schedules=[schedule],
+        parameters={"params_file": str(Path(args.params).resolve()), "overrides": list(args.overrides)},
+        description="Re-ingest the configured release; retrain, evaluate and register unless nothing changed.",
+        limit=1,  # one retraining at a time: a run that outlasts the interval is not overlapped
+        print_starting_message=False,
+    )
+
+
+def _retrain(args: argparse.Namespace) -> None:
+    from lesionml.config import load_params
+
+    load_params(args.params, args.overrides)
+    _quiet_environment()
+    from flows.retrain import retrain
+
+    started = time.perf_counter()
+    result = retrain(params_file=str(Path(args.params).resolve()), overrides=list(args.overrides))
+    verdict = "retrained" if result["retrained"] else "nothing changed: stopped early"
+    print(f"{verdict}; identity {result['identity']}, MLflow run {result['mlflow_run_id']}; "
+          f"{time.perf_counter() - started:.1f} s")
+
+
 def _ui(args: argparse.Namespace) -> None:
     import subprocess
 
     from lesionml.config import load_params
-    from lesionml.tracking import tracking_uri
+    from lesionml.tracking import redact, tracking_uri
 
     uri = tracking_uri(load_params(args.params).tracking)
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    print(f"MLflow UI for {redact(uri)} on http://{args.host}:{args.port} (Ctrl-C stops it)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     raise SystemExit(subprocess.call(cmd))
 
@@ -93,7 +157,9 @@ def _quiet_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForUserErrors) for f in logger.filters):  # main() may run many times
+            logger.addFilter(_NoTracebackForUserErrors())
 
 
 def _print_summary(result: dict, seconds: float) -> None:
@@ -116,7 +182,9 @@ def _print_summary(result: dict, seconds: float) -> None:
         print(f"\nimage array  {shape[0]} x {shape[1]}x{shape[2]}x{shape[3]} uint8 (N x height x width x RGB)")
     _print_model_results(arts)
     if result.get("mlflow_run_id"):
-        print(f"mlflow run   {result['mlflow_run_id']} in {result['tracking_uri']}  (browse: lesionml ui)")
+        from lesionml.tracking import redact
+
+        print(f"mlflow run   {result['mlflow_run_id']} in {redact(result['tracking_uri'])}  (browse: lesionml ui)")
     stages = ", ".join(f"{s} ({'cached' if hit else 'ran'})" for s, hit in result["cached"].items())
     print(f"stages       {stages}")
     print(f"outputs      {result['workspace']}")
@@ -144,7 +212,7 @@ def _print_model_results(arts: dict) -> None:
         print("\n".join(rows))
 
 
-def _run_pipeline(args: argparse.Namespace, until: str) -> None:
+def _run_pipeline(args: argparse.Namespace, until: str, models: list[str] | None = None) -> None:
     from lesionml.config import load_params
 
     overrides = _overrides(args)
@@ -153,7 +221,7 @@ def _run_pipeline(args: argparse.Namespace, until: str) -> None:
     from flows.pipeline import pipeline
 
     started = time.perf_counter()
-    result = pipeline(params_file=str(Path(args.params).resolve()), overrides=overrides, until=until)
+    result = pipeline(params_file=str(Path(args.params).resolve()), overrides=overrides, until=until, models=models)
     _print_summary(result, time.perf_counter() - started)
 
 
@@ -243,9 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            _run_pipeline(args, until="augment" if args.only == "data" else "evaluate")
+            _run_pipeline(args, until="augment" if args.only == "data" else "register")
         elif args.command == "ingest":
             _run_pipeline(args, until="ingest")
+        elif args.command == "stage":
+            _run_pipeline(args, until=args.name, models=args.model)
+        elif args.command == "retrain":
+            _retrain(args)
+        elif args.command == "schedule":
+            _schedule(args)
         elif args.command == "ui":
             _ui(args)
         elif args.command == "predict":

@@ -154,6 +154,13 @@ class RegistryConfig(_Section):
     bootstrap: int = Field(1000, ge=100, le=100_000)  # resamples of test lesions
 
 
+class ScheduleConfig(_Section):
+    """When `lesionml schedule` retrains: a 5-field cron expression in `timezone`."""
+
+    cron: str = Field("0 3 * * 1", pattern=r"^\s*\S+(\s+\S+){4}\s*$")  # Mondays 03:00
+    timezone: str = Field("UTC", min_length=1)
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
@@ -163,6 +170,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     def resolve_paths(self, root: Path) -> "Params":
         """Anchor relative paths at the folder of params.yaml, so commands work from any cwd."""
@@ -226,8 +234,10 @@ def _format_error(origin: str, exc: ValidationError) -> str:
     if err["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{where}'"
     msg = err["msg"].removeprefix("Value error, ")
+    # A whole section as input means a check across its keys, whose message names the values.
+    got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
     more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-    return f"{origin}: {where}: {msg} (got {err.get('input')!r}){more}"
+    return f"{origin}: {where}: {msg}{got}{more}"
 
 
 def load_params(path: Path | str = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:

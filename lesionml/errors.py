@@ -20,6 +20,10 @@ class DataError(LesionMLError):
     """The data release (metadata, images, archives) is unusable as given."""
 
 
+class StorageError(LesionMLError):
+    """An output could not be written (disk full, quota, read-only folder); nothing was replaced."""
+
+
 def summarize(problem: str, offenders: list[str], limit: int = 5) -> str:
     """'N <problem>: a, b, c (and M more)': counts first, then the first offenders by name."""
     shown = ", ".join(offenders[:limit])

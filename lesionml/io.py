@@ -7,6 +7,7 @@ so an interrupted run leaves either the previous file or the new one, never half
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,22 +17,38 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lesionml.errors import StorageError
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
 
 @contextlib.contextmanager
 def atomic_path(dest: Path | str) -> Iterator[Path]:
-    """Yield a temp path beside `dest`; on success fsync and rename it over `dest`."""
+    """Yield a temp path beside `dest`; on success fsync and rename it over `dest`.
+
+    A write that runs out of space (or hits a read-only folder) becomes a StorageError
+    naming `dest`: the previous `dest`, if any, is untouched and the temp file removed.
+    """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, dest)
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        raise StorageError(
+            f"{dest}: could not be written ({os.strerror(exc.errno)}); the previous version, if any, is unchanged"
+        ) from exc
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_text(dest: Path | str, text: str) -> None:

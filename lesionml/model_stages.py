@@ -29,6 +29,7 @@ from lesionml.evaluation import (
 from lesionml.inference import predict_proba
 from lesionml.io import Artifact, write_json, write_text
 from lesionml.models import build_model
+from lesionml.provenance import params_digest
 from lesionml.training import fit, seed_everything
 from lesionml.workspace import Workspace
 
@@ -54,8 +55,10 @@ def train(
     run_id = tracking.start_run(run.experiment_id, name, run.tags, run.parent_run_id) if run else None
     try:
         return _train(name, images, split, stats, ws, params, run_id)
-    except BaseException:
-        if run_id:
+    except BaseException as exc:
+        # Not when the store just stopped answering: that would only wait out its retries
+        # again and then report end_run instead of the call that actually failed.
+        if run_id and not isinstance(exc, tracking.TrackingUnavailable):
             tracking.end_run(run_id, ok=False)
         raise
 
@@ -141,7 +144,11 @@ def evaluate(
     metrics: dict[str, dict] = {}
     tables = []
     figures = []
-    for which, (x, rows) in zip(("val", "test"), load_split_images(images, split, "val", "test")):
+    splits = load_split_images(images, split, "val", "test")
+    # Evaluation prints nothing else until it is done, which can take minutes on the full data.
+    print(f"evaluating {name} on {len(splits[0][0])} val and {len(splits[1][0])} test images "
+          f"({'with' if cfg.tta else 'no'} test-time augmentation, {cfg.bootstrap} bootstrap resamples)", flush=True)
+    for which, (x, rows) in zip(("val", "test"), splits):
         proba = predict_proba(model, x, cfg.tta)
         y = _labels(rows)
         m = classification_metrics(y, proba)
@@ -202,7 +209,7 @@ def register(
     test_rows = split_rows[split_rows.split == "test"].reset_index(drop=True)
     with ImageReader() as reader:
         test_bytes = [reader.read(*locations.loc[i]) for i in test_rows.image_id]
-    params_hash = hashlib.sha256(json.dumps(params.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    params_hash = params_digest(params)
 
     versions: dict[str, str] = {}
     val_scores: dict[str, float] = {}

@@ -9,11 +9,13 @@ runs with no server; MLFLOW_TRACKING_URI, when set, is used unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
+import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,9 +30,94 @@ if TYPE_CHECKING:
 
 PARAM_VALUE_LIMIT = 500  # older MLflow servers reject longer param values
 
+# MLflow's own defaults retry a failing HTTP request 7 times with backoff factor 2 and a
+# 120 s timeout: a tracking server that goes away mid-run hangs every call for ~4 minutes
+# (it is tuned for rate-limited hosted services). 3 retries with factor 1 still ride out a
+# server restart of a few seconds (waits 0, 2, 4 s), then the run fails with a clear
+# message; Prefect's task retry gives a longer outage a second chance. Explicit settings
+# in the environment win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://***@host`, wherever a URI sits in `text`.
+
+    Tracking and database URIs may carry credentials; what lesionml logs to MLflow or
+    prints (params, tags, error messages, summaries) never shows them.
+    """
+    return _CREDENTIALS.sub(r"\g<scheme>***@", text)
+
 
 class TrackingError(LesionMLError):
-    """The tracking store cannot be used; raised before any expensive work starts."""
+    """The tracking store cannot be used; checked before any expensive work starts."""
+
+
+class TrackingUnavailable(TrackingError):
+    """The tracking store stopped answering during the run (server down, network gone).
+
+    `transient`: a stage failing with it is worth one retry (tasks/_stage.py), unlike
+    other LesionMLErrors, which are verdicts on the input.
+    """
+
+    transient = True
+
+
+def _network_failure(exc: BaseException) -> str | None:
+    """'Connection refused'-style reason when `exc` comes from a store that does not answer.
+
+    MLflow wraps requests/urllib3 errors in a plain MlflowException (INTERNAL_ERROR), so the
+    chain of causes is what tells "server gone" from "the server said no".
+    """
+    import requests
+
+    seen: BaseException | None = exc
+    network = False
+    while seen is not None:
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                             requests.exceptions.RetryError, ConnectionError, TimeoutError)):
+            network = True
+        if network and isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    if not network:
+        return None
+    found = re.search(r"\[Errno \d+\] ([^'\")]+)|(timed out|Max retries exceeded[^(]*)", str(exc))
+    return (found.group(1) or found.group(2)).strip() if found else "no answer"
+
+
+def _store_call(fn: Callable) -> Callable:
+    """Turn "the tracking server went away" inside `fn` into a one-line TrackingUnavailable.
+
+    Without this, a server that dies mid-run surfaces as a MlflowException holding a
+    page of urllib3 text; errors the store answered with pass through unchanged.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TrackingError:
+            raise
+        except Exception as exc:
+            reason = _network_failure(exc)
+            if reason is None:
+                raise
+            import mlflow
+
+            raise TrackingUnavailable(
+                f"MLflow tracking store {redact(mlflow.get_tracking_uri())} stopped answering during "
+                f"{fn.__name__} ({reason}); this run did not finish: start the server (or fix "
+                "MLFLOW_TRACKING_URI / tracking.uri) and run again, finished stages are reused"
+            ) from None
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -68,7 +155,17 @@ def connect(cfg: TrackingConfig) -> str:
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
+    users = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow also exports the URI to the environment, where tracking_uri() would take it for
+    # the user's choice: a later run in this process with other params would be pinned to
+    # this store. Keep the environment as the user left it.
+    if users is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = users
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     try:
         with _fail_fast():
             client = MlflowClient(uri)
@@ -81,7 +178,7 @@ def connect(cfg: TrackingConfig) -> str:
     except Exception as exc:  # mlflow raises many unrelated types for "cannot reach"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(
-            f"MLflow tracking store {uri} cannot be used ({first[:200]}); "
+            f"MLflow tracking store {redact(uri)} cannot be used ({redact(first[:200])}); "
             "start the server or fix MLFLOW_TRACKING_URI / tracking.uri"
         ) from None
 
@@ -103,6 +200,7 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+@_store_call
 def start_run(experiment_id: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
     all_tags = dict(tags)
     if parent_run_id:
@@ -111,19 +209,22 @@ def start_run(experiment_id: str, name: str, tags: dict[str, str], parent_run_id
     return run.info.run_id
 
 
+@_store_call
 def end_run(run_id: str, ok: bool = True) -> None:
     client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
+@_store_call
 def log_params(run_id: str, params: Params, extra: dict[str, Any] | None = None) -> None:
     from mlflow.entities import Param
 
     flat = {**params.flat(), **(extra or {})}
-    batch = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in sorted(flat.items())]
+    batch = [Param(k, redact(str(v))[:PARAM_VALUE_LIMIT]) for k, v in sorted(flat.items())]
     for i in range(0, len(batch), 100):
         client().log_batch(run_id, params=batch[i : i + 100])
 
 
+@_store_call
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     from mlflow.entities import Metric
 
@@ -133,20 +234,24 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
         client().log_batch(run_id, metrics=batch)
 
 
+@_store_call
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 
-    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client().log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
 
+@_store_call
 def log_artifact(run_id: str, path: Path | str, folder: str | None = None) -> None:
     client().log_artifact(run_id, str(path), folder)
 
 
+@_store_call
 def log_text(run_id: str, text: str, name: str) -> None:
     client().log_text(run_id, text, name)
 
 
+@_store_call
 def log_dict(run_id: str, obj: Any, name: str) -> None:
     client().log_dict(run_id, obj, name)
 
@@ -157,6 +262,7 @@ def model_summary(model: "keras.Model") -> str:
     return buf.getvalue()
 
 
+@_store_call
 def log_keras_model(run_id: str, model: "keras.Model", example: "np.ndarray") -> str:
     """Log in MLflow's Keras flavor with signature and input example; returns the model URI."""
     import keras
@@ -177,6 +283,7 @@ def log_keras_model(run_id: str, model: "keras.Model", example: "np.ndarray") ->
     return info.model_uri
 
 
+@_store_call
 def log_classifier(run_id: str, keras_file: Path, example_image: bytes, tta: bool) -> str:
     """Log the servable pyfunc (image bytes in, classes out) beside the Keras model; returns its URI.
 
@@ -208,6 +315,7 @@ def log_classifier(run_id: str, keras_file: Path, example_image: bytes, tta: boo
     return info.model_uri
 
 
+@_store_call
 def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
     """A new version of registered model `name`; returns the version number."""
     import mlflow
@@ -220,40 +328,59 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
     return str(mlflow.register_model(model_uri, name, tags=tags).version)
 
 
+@_store_call
 def describe_version(name: str, version: str, description: str) -> None:
     client().update_model_version(name, version, description=description)
 
 
+# What the store answers for a registered model or alias that does not exist.
+_NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
+@_store_call
 def alias_version(name: str, alias: str):
-    """The ModelVersion behind `name@alias`, or None."""
+    """The ModelVersion behind `name@alias`, or None when the model or the alias does not exist.
+
+    Only the store's "not found" answers mean None: any other failure (server gone, no
+    permission) raises, or a flaky store would read as "no champion yet" and the register
+    stage would crown a model without comparing it.
+    """
     import mlflow
 
     try:
         return client().get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return None
+        raise
 
 
+@_store_call
 def aliases(name: str) -> dict[str, str]:
     """alias -> version of a registered model ({} when the model does not exist)."""
     import mlflow
 
     try:
         return dict(client().get_registered_model(name).aliases)
-    except mlflow.exceptions.MlflowException:
-        return {}
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in _NOT_FOUND:
+            return {}
+        raise
 
 
+@_store_call
 def set_alias(name: str, alias: str, version: str) -> None:
     client().set_registered_model_alias(name, alias, version)
 
 
+@_store_call
 def load_pyfunc(uri: str):
     import mlflow
 
     return mlflow.pyfunc.load_model(uri)
 
 
+@_store_call
 def model_runs(experiment_id: str, last: int):
     """The nested model runs of the last `last` pipeline runs that trained or evaluated something."""
     import mlflow
@@ -273,3 +400,16 @@ def model_runs(experiment_id: str, last: int):
         for parent in parents.run_id
     ]
     return pd.concat(children, ignore_index=True)
+
+
+def last_finished_run(experiment_id: str, tag: str, value: str) -> str | None:
+    """The id of the newest successfully finished run tagged `tag`=`value`, or None."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return None if runs.empty else str(runs.run_id.iloc[0])

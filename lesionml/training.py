@@ -248,8 +248,11 @@ def fit(
         v.assign(w)
     with atomic_path(out_model.with_suffix(".keras")) as tmp:
         keras_tmp = tmp.with_suffix(".keras")  # Keras insists on the suffix
-        model.save(keras_tmp)
-        keras_tmp.replace(tmp)
+        try:
+            model.save(keras_tmp)
+            keras_tmp.replace(tmp)
+        finally:  # a failed save (disk full) must not leave its partial file behind
+            keras_tmp.unlink(missing_ok=True)
     rows = pd.DataFrame(state["rows"])
     epoch_seconds = float(rows.seconds.sum())
     return FitResult(

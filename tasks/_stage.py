@@ -50,9 +50,11 @@ def stage_cache_key(
 
 
 def retry_transient(task: Task, task_run: Any, state: Any) -> bool:
-    """Retry I/O hiccups; never retry a LesionMLError, which is a verdict on the input."""
+    """Retry I/O hiccups; never retry a LesionMLError, which is a verdict on the input,
+    unless it says it is `transient` (the tracking server stopped answering: it may be back
+    by the retry, and a retried training resumes from its last checkpoint)."""
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, LesionMLError)
+    return not isinstance(exc, LesionMLError) or getattr(exc, "transient", False)
 
 
 def as_dicts(artifacts: dict[str, Artifact]) -> dict[str, dict[str, str]]:

@@ -58,8 +58,10 @@ def read_metadata(path: Path) -> pd.DataFrame:
     except UnicodeDecodeError as exc:
         # exc.start counts from after a BOM, which utf-8-sig strips before decoding.
         offset = exc.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
+        utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+        encoding = f"; it is UTF-16 (byte order mark {raw[:2].hex(' ').upper()})" if utf16 else ""
         raise DataError(
-            f"{path}: not UTF-8 text (byte 0x{raw[offset]:02x} at offset {offset}); save it as UTF-8"
+            f"{path}: not UTF-8 text (byte 0x{raw[offset]:02x} at offset {offset}){encoding}; save it as UTF-8"
         ) from None
     try:
         df = pd.read_csv(StringIO(text), dtype=str, keep_default_na=False)

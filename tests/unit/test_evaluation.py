@@ -90,3 +90,45 @@ def test_evaluation_plots_are_real_pngs(tmp_path):
     for f in ("cm", "roc", "rel", "mis"):
         with Image.open(tmp_path / f"{f}.png") as im:
             assert im.format == "PNG" and im.width > 300
+
+
+def test_vectorised_bootstrap_equals_scikit_learn_on_each_resample():
+    """The weighted-matrix bootstrap must give scikit-learn's numbers on the repeated images."""
+    import warnings
+
+    from sklearn import metrics as skm
+
+    from lesionml.evaluation import _confusions, _macro_auc, _scores, lesion_resample_weights
+
+    rng = np.random.default_rng(3)
+    n = 300
+    y = rng.integers(0, 7, n)
+    # 21 probability rows, 3 leaning to each class; images share rows, so scores tie a lot.
+    patterns = rng.dirichlet(np.ones(7), 21) + np.repeat(np.eye(7), 3, axis=0)
+    patterns /= patterns.sum(axis=1, keepdims=True)
+    choice = np.where(rng.random(n) < 0.7, y * 3 + rng.integers(0, 3, n), rng.integers(0, 21, n))
+    proba = patterns[choice]
+    lesions = rng.integers(0, 120, n)
+    weights = lesion_resample_weights(lesions, 25, seed=5)
+    assert (weights.sum(axis=1) > 0).all()
+    pred = proba.argmax(axis=1)
+    scores = _scores(_confusions(y, pred, weights))
+    auc = _macro_auc(y, proba, weights)
+    labels = list(range(7))
+    for r, w in enumerate(weights):
+        idx = np.repeat(np.arange(n), w.astype(int))
+        t, p = y[idx], pred[idx]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            expect = {
+                "accuracy": skm.accuracy_score(t, p),
+                "balanced_accuracy": skm.balanced_accuracy_score(t, p),
+                "macro_f1": skm.f1_score(t, p, labels=labels, average="macro", zero_division=0),
+                "mel_sensitivity": skm.recall_score(t, p, labels=[4], average="macro", zero_division=0),
+            }
+        for name, value in expect.items():
+            assert scores[name][r] == pytest.approx(value), (name, r)
+        if len(np.unique(t)) == 7:
+            assert auc[r] == pytest.approx(skm.roc_auc_score(t, proba[idx], multi_class="ovr", labels=labels))
+        else:
+            assert np.isnan(auc[r])

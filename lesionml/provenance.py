@@ -1,0 +1,39 @@
+"""What a result was made from: the data fingerprint, the code and the params, as one digest.
+
+A scheduled retraining run compares this identity with the one recorded on the last
+successful pipeline run: equal means the run would reproduce what already exists, so it
+stops early instead of re-verifying every stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from lesionml.config import Params
+
+PACKAGES = ("lesionml", "tasks", "flows")  # the code a pipeline run executes
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def params_digest(params: Params) -> str:
+    """Every param that can change a result; `data.workers` (speed only) is left out."""
+    dump = params.model_dump(mode="json")
+    dump["data"].pop("workers", None)
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_digest(root: Path = ROOT) -> str:
+    """The bytes of every .py file of the pipeline's packages (a dirty tree counts, unlike a git commit)."""
+    h = hashlib.sha256()
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def run_identity(params: Params, data_fingerprint: str) -> str:
+    """data + code + params: two runs with the same identity compute the same things."""
+    parts = f"{data_fingerprint}:{code_digest()}:{params_digest(params)}"
+    return hashlib.sha256(parts.encode()).hexdigest()[:16]
