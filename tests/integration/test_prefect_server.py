@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,11 +27,22 @@ TINY = {
 }
 
 
-def _api(url: str, path: str, body: dict | None = None, method: str = "POST"):
+def _api(url: str, path: str, body: dict | None = None, method: str = "POST", attempts: int = 6):
+    """One Prefect REST call, retried like Prefect's own client does on 429/502/503.
+
+    The server answers 503 when its SQLite database is busy (a write from the serve process
+    or a background service holds the lock); the request did not happen and is safe to repeat.
+    """
     data = None if method == "GET" else json.dumps(body or {}).encode()
-    req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, method=method)
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+    for attempt in range(attempts):
+        req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 502, 503) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
 
 
 def _client_env(server: str, tmp_path: Path) -> dict:
@@ -75,11 +87,13 @@ def _logs(server: str, run_id: str, expect: str = "") -> str:
 
 def test_schedule_serves_a_cron_deployment_that_retrains_then_stops_early(prefect_server, tmp_path):
     params = write_params(tmp_path, SAMPLE, **TINY)
-    serve = subprocess.Popen(
-        [str(BIN / "lesionml"), "schedule", "--cron", "0 3 * * 1", "--params", str(params)],
-        env={**_client_env(prefect_server, tmp_path), "PREFECT_LOGGING_LEVEL": "INFO"},  # the runs' prints reach the API stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
+    served_log = tmp_path / "serve.log"  # a file, not a pipe: nobody drains a pipe while the test waits
+    with served_log.open("w") as out:
+        serve = subprocess.Popen(
+            [str(BIN / "lesionml"), "schedule", "--cron", "0 3 * * 1", "--params", str(params)],
+            env={**_client_env(prefect_server, tmp_path), "PREFECT_LOGGING_LEVEL": "INFO"},  # the runs' prints reach the API
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         deployment = None
@@ -87,7 +101,7 @@ def test_schedule_serves_a_cron_deployment_that_retrains_then_stops_early(prefec
             found = _api(prefect_server, "/deployments/filter", {"deployments": {"name": {"any_": ["scheduled"]}}})
             deployment = found[0] if found else None
             if serve.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"no deployment was served:\n{serve.stdout.read()[-3000:] if serve.poll() is not None else ''}")
+                pytest.fail(f"no deployment was served:\n{served_log.read_text()[-3000:]}")
             time.sleep(1)
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
         assert deployment["parameters"]["params_file"] == str(params)
