@@ -194,7 +194,7 @@ def _print_summary(result: dict, seconds: float) -> None:
 
 
 def _print_model_results(arts: dict) -> None:
-    rows = []
+    rows, notes = [], []
     for key, art in arts.items():
         if key.startswith("evaluate.") and key.endswith(".metrics"):
             name = key.split(".")[1]
@@ -207,9 +207,14 @@ def _print_model_results(arts: dict) -> None:
                     f"{m.get('roc_auc_macro', float('nan')):>8.3f} {m['mel_sensitivity']:>8.3f}   "
                     f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['train_seconds']:.0f} s"
                 )
+            decision = metrics.get("decision", {})
+            if decision.get("prior_correction"):
+                plain = decision["argmax"]["test"]
+                notes.append(f"  {name}: prior correction tau {decision['tau']:.2f} (tuned on val); plain argmax "
+                             f"on test: accuracy {plain['accuracy']:.3f}, bal.acc {plain['balanced_accuracy']:.3f}")
     if rows:
         print("\nmodel     split  accuracy  bal.acc  macro-F1  AUC     mel.sens  training")
-        print("\n".join(rows))
+        print("\n".join(rows + notes))
 
 
 def _run_pipeline(args: argparse.Namespace, until: str, models: list[str] | None = None) -> None:
@@ -287,10 +292,11 @@ def _compare(args: argparse.Namespace) -> None:
         lo, hi = row.get(f"metrics.eval_test_{key}_ci95_low"), row.get(f"metrics.eval_test_{key}_ci95_high")
         return f"{num(row.get(f'metrics.eval_test_{key}'))} [{num(lo)}-{num(hi)}]"
 
-    lines = ["| run | model | test accuracy [95% CI] | balanced accuracy [95% CI] | macro-F1 | AUC | mel sens. | ECE | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | test accuracy [95% CI] | balanced accuracy [95% CI] | macro-F1 | AUC | mel sens. | ECE "
+             "| prior tau | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for _, row in runs.iterrows():
-        cells = [num(row.get(f"metrics.eval_test_{k}")) for k in ("macro_f1", "roc_auc_macro", "mel_sensitivity", "ece")]
+        cells = [num(row.get(f"metrics.eval_{k}"))
+                 for k in ("test_macro_f1", "test_roc_auc_macro", "test_mel_sensitivity", "test_ece", "prior_tau")]
         lines.append(
             f"| {row.run_id[:8]} | {row['tags.mlflow.runName']} | {ci(row, 'accuracy')} | {ci(row, 'balanced_accuracy')} "
             f"| {' | '.join(cells)} | {num(row.get('metrics.train_seconds'), 0)} |"

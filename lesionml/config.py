@@ -68,12 +68,18 @@ MODEL_NAMES = ("cnn", "cnn_lstm")
 
 
 class CNNConfig(_Section):
-    """MODEL1: conv blocks (convs + batch norm + max pool + dropout), Flatten, two Dense."""
+    """MODEL1: conv blocks (convs + batch norm + max pool + dropout), a pooling head, two Dense.
+
+    `head`: `flatten` keeps where each feature was (the seed's head, most parameters);
+    `global_average` averages each feature map over the image, which suits lesions that
+    can sit anywhere in the frame at any rotation.
+    """
 
     filters: tuple[int, ...] = (32, 64, 128, 256)
     convs_per_block: int = Field(1, ge=1, le=4)
     kernel_size: int = Field(3, ge=1, le=11)
     dropout: float = Field(0.1, ge=0, lt=1)
+    head: Literal["flatten", "global_average"] = "flatten"
     dense_units: int = Field(128, ge=1)
     dense_dropout: float = Field(0.5, ge=0, lt=1)
 
@@ -137,6 +143,8 @@ class EvaluateConfig(_Section):
 
     tta: bool = True  # average the image and its 3 mirror images (see lesionml.inference.predict_proba)
     bootstrap: int = Field(1000, ge=100, le=100_000)  # lesion resamples for the 95% intervals
+    # Divide prior**tau out of the decisions, tau tuned on val (see evaluation.tune_prior_correction).
+    prior_correction: bool = True
 
 
 class TrackingConfig(_Section):

@@ -21,6 +21,15 @@ from lesionml.data.metadata import CLASSES
 MELANOMA = CLASSES.index("mel")
 
 
+def log_loss(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Mean cross-entropy of the true class, probabilities clipped at 1e-7.
+
+    Computed directly: scikit-learn's version warns whenever a clipped row no longer sums
+    to exactly 1, which every confident model triggers.
+    """
+    return float(-np.log(np.clip(proba[np.arange(len(y_true)), y_true], 1e-7, 1.0)).mean())
+
+
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
     """Scalar metrics plus a per-class table for one split."""
     labels = list(range(len(CLASSES)))
@@ -31,7 +40,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
     mel_true, mel_pred = y_true == MELANOMA, y_pred == MELANOMA
     out: dict[str, Any] = {
         "n": int(len(y_true)),
-        "loss": float(skm.log_loss(y_true, np.clip(proba, 1e-7, 1), labels=labels)),
+        "loss": log_loss(y_true, proba),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
         "macro_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
@@ -48,6 +57,33 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
         if 0 < (y_true == k).sum() < len(y_true):
             out["per_class"][c]["roc_auc"] = float(skm.roc_auc_score(y_true == k, proba[:, k]))
     return out
+
+
+PRIOR_TAUS = np.round(np.arange(0.0, 1.501, 0.05), 2)
+
+
+def tune_prior_correction(
+    y_val: np.ndarray, proba_val: np.ndarray, train_prior: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """How much of the training class prior to divide out of the decisions, chosen on validation.
+
+    A model trained on 67% nv learns that prior into its probabilities, and argmax then
+    favours nv; dividing the probabilities by prior**tau (logit adjustment, Menon et al.,
+    ICLR 2021) moves decisions toward the rare classes. One scalar, picked from
+    `PRIOR_TAUS` for the best validation balanced accuracy (ties: the smaller tau), is
+    little to overfit with 1,300 validation images; tau = 0 is plain argmax, so validation
+    can only gain. Returns tau and the log-offsets (-tau * log prior) to add at serving.
+    """
+    log_prior = np.log(np.clip(np.asarray(train_prior, dtype=np.float64), 1e-12, None))
+    logp = np.log(np.clip(proba_val, 1e-12, None))
+    present = np.unique(y_val)
+    best_score, best_tau = -1.0, 0.0
+    for tau in PRIOR_TAUS:
+        pred = (logp - tau * log_prior).argmax(axis=1)
+        score = float(np.mean([(pred[y_val == c] == c).mean() for c in present]))
+        if score > best_score + 1e-12:
+            best_score, best_tau = score, float(tau)
+    return best_tau, -best_tau * log_prior
 
 
 def predictions_table(rows: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:

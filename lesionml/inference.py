@@ -74,8 +74,24 @@ def predict_proba(model: "keras.Model", images: np.ndarray, tta: bool = False, b
     return proba / proba.sum(axis=1, keepdims=True)  # also: a float32 softmax sums to 1 only within 1e-7
 
 
+def apply_offsets(proba: np.ndarray, offsets: Sequence[float] | None) -> np.ndarray:
+    """Add per-class log-offsets (the tuned prior correction) to log-probabilities; renormalize.
+
+    Evaluation and serving both decide through here, so the served model answers exactly
+    as the evaluated one did.
+    """
+    if offsets is None:
+        return proba
+    adjusted = proba * np.exp(np.asarray(offsets, dtype=np.float64))
+    return adjusted / adjusted.sum(axis=1, keepdims=True)
+
+
 def predict_images(
-    model: "keras.Model", items: Sequence[tuple[str, bytes | None]], tta: bool = False, batch_size: int = 64
+    model: "keras.Model",
+    items: Sequence[tuple[str, bytes | None]],
+    tta: bool = False,
+    batch_size: int = 64,
+    offsets: Sequence[float] | None = None,
 ) -> list[Prediction]:
     """(name, bytes) pairs -> one Prediction each, in order; bytes=None means unreadable."""
     height, width = model.input_shape[1:3]
@@ -92,7 +108,7 @@ def predict_images(
         except DataError as exc:
             results[k].error = str(exc)
     if ok:
-        proba = predict_proba(model, np.stack(arrays), tta, batch_size)
+        proba = apply_offsets(predict_proba(model, np.stack(arrays), tta, batch_size), offsets)
         for k, p in zip(ok, proba):
             results[k].predicted = CLASSES[int(p.argmax())]
             results[k].probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p)}

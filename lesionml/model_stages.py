@@ -25,8 +25,9 @@ from lesionml.evaluation import (
     lesion_bootstrap,
     paired_bootstrap,
     predictions_table,
+    tune_prior_correction,
 )
-from lesionml.inference import predict_proba
+from lesionml.inference import apply_offsets, predict_proba
 from lesionml.io import Artifact, write_json, write_text
 from lesionml.models import build_model
 from lesionml.provenance import params_digest
@@ -144,13 +145,16 @@ def evaluate(
     metrics: dict[str, dict] = {}
     tables = []
     figures = []
-    splits = load_split_images(images, split, "val", "test")
+    splits = dict(zip(("val", "test"), load_split_images(images, split, "val", "test")))
     # Evaluation prints nothing else until it is done, which can take minutes on the full data.
-    print(f"evaluating {name} on {len(splits[0][0])} val and {len(splits[1][0])} test images "
+    print(f"evaluating {name} on {len(splits['val'][0])} val and {len(splits['test'][0])} test images "
           f"({'with' if cfg.tta else 'no'} test-time augmentation, {cfg.bootstrap} bootstrap resamples)", flush=True)
-    for which, (x, rows) in zip(("val", "test"), splits):
-        proba = predict_proba(model, x, cfg.tta)
-        y = _labels(rows)
+    raw = {which: predict_proba(model, x, cfg.tta) for which, (x, _) in splits.items()}
+    labels = {which: _labels(rows) for which, (_, rows) in splits.items()}
+    decision = _decision_rule(cfg, read_csv(split), labels, raw)
+    for which, (x, rows) in splits.items():
+        proba = apply_offsets(raw[which], decision["offsets"])
+        y = labels[which]
         m = classification_metrics(y, proba)
         m["ece"] = expected_calibration_error(y, proba)
         m["ci95"] = lesion_bootstrap(y, proba, rows.lesion_id.to_numpy(), cfg.bootstrap)
@@ -166,7 +170,7 @@ def evaluate(
             f"Most confident mistakes: {label}", out / f"{which}_mistakes.png",
         )
         figures += [f"{which}_{kind}.png" for kind in ("confusion", "roc", "reliability", "mistakes")]
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", {**metrics, "decision": decision})
     write_csv(out / "predictions.csv", pd.concat(tables, ignore_index=True))
     run_id = json.loads(Path(summary.path).read_text()).get("run_id")
     if run_id:
@@ -176,10 +180,32 @@ def evaluate(
             flat.update({f"eval_test_{k}_{c}": m[k] for k in ("recall", "roc_auc") if k in m})
         flat.update({f"eval_{s}_{k}_ci95_{end}": v for s, m in metrics.items() for k, ci in m["ci95"].items()
                      for end, v in zip(("low", "high"), ci)})
+        flat["eval_prior_tau"] = decision["tau"]
+        flat.update({f"eval_{s}_{k}_argmax": v for s, m in decision.get("argmax", {}).items() for k, v in m.items()})
         tracking.log_metrics(run_id, flat)
         for f in ("metrics.json", "predictions.csv", *figures):
             tracking.log_artifact(run_id, out / f, "evaluation")
     return {"metrics": Artifact.of(out / "metrics.json"), "predictions": Artifact.of(out / "predictions.csv")}
+
+
+def _decision_rule(
+    cfg: EvaluateConfig, split_rows: pd.DataFrame, labels: dict[str, np.ndarray], raw: dict[str, np.ndarray]
+) -> dict:
+    """The prior correction the served model will apply, tuned on val; off: plain argmax.
+
+    Also records what plain argmax scored on both splits, so the accuracy given up for
+    balanced accuracy is on the record next to the gain.
+    """
+    if not cfg.prior_correction:
+        return {"prior_correction": False, "tau": 0.0, "offsets": None}
+    prior = split_rows[split_rows.split == "train"].dx.value_counts(normalize=True).reindex(CLASSES, fill_value=0)
+    tau, offsets = tune_prior_correction(labels["val"], raw["val"], prior.to_numpy())
+    argmax = {which: {k: classification_metrics(labels[which], p)[k] for k in ("accuracy", "balanced_accuracy")}
+              for which, p in raw.items()}
+    print(f"prior correction: tau {tau:.2f} (val balanced accuracy {argmax['val']['balanced_accuracy']:.3f} "
+          f"with plain argmax)", flush=True)
+    return {"prior_correction": True, "tau": tau, "offsets": [round(float(o), 6) for o in offsets],
+            "train_prior": {c: round(float(v), 6) for c, v in prior.items()}, "argmax": argmax}
 
 
 def register(
@@ -217,7 +243,10 @@ def register(
         summary = json.loads(Path(arts["summary"].path).read_text())
         metrics = json.loads(Path(arts["metrics"].path).read_text())
         val_scores[name] = metrics["val"][reg.promotion_metric]
-        uri = tracking.log_classifier(summary["run_id"], Path(arts["model"].path), test_bytes[0], params.evaluate.tta)
+        uri = tracking.log_classifier(
+            summary["run_id"], Path(arts["model"].path), test_bytes[0], params.evaluate.tta,
+            metrics.get("decision", {}).get("offsets"),
+        )
         facts = {"architecture": name, "MLflow run": summary["run_id"], "git commit": git_commit,
                  "params hash": params_hash, "data fingerprint": rel["fingerprint"]}
         tags = {**facts, **{f"test_{k}": f"{metrics['test'][k]:.4f}" for k in

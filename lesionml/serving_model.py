@@ -6,7 +6,8 @@ are an artifact loaded with `safe_mode=True`.
 
 Input: a DataFrame with one row per image and a column `image` holding the image bytes
 (or base64 text of them, which is what JSON requests carry) or a column `path`.
-Output: one row per image: predicted class, its full name, the 7 probabilities, error.
+Output: one row per image: predicted class, its full name, the 7 probabilities (after the
+prior correction tuned at evaluation, if any), error.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ class LesionClassifier(PythonModel):
         import keras
 
         self.model = keras.saving.load_model(context.artifacts["keras_model"], safe_mode=True)
-        # Test-time augmentation as the model was evaluated with it (set at registration).
-        self.tta = bool((context.model_config or {}).get("tta", False))
+        # Test-time augmentation and the prior correction as the model was evaluated with
+        # them (set at registration; versions registered before the correction have none).
+        config = context.model_config or {}
+        self.tta = bool(config.get("tta", False))
+        self.offsets = config.get("offsets")
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from lesionml.inference import predict_images, read_files
@@ -51,7 +55,7 @@ class LesionClassifier(PythonModel):
         else:
             raise ValueError("input needs a column 'image' (bytes or base64) or 'path'")
         rows = []
-        for r in predict_images(self.model, items, self.tta):
+        for r in predict_images(self.model, items, self.tta, offsets=self.offsets):
             row = {"predicted": r.predicted or "", "name": r.name or "", "error": r.error or ""}
             row.update({f"p_{c}": r.probabilities.get(c, float("nan")) for c in CLASSES})
             rows.append(row)

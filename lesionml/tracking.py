@@ -284,10 +284,13 @@ def log_keras_model(run_id: str, model: "keras.Model", example: "np.ndarray") ->
 
 
 @_store_call
-def log_classifier(run_id: str, keras_file: Path, example_image: bytes, tta: bool) -> str:
+def log_classifier(
+    run_id: str, keras_file: Path, example_image: bytes, tta: bool, offsets: list[float] | None = None
+) -> str:
     """Log the servable pyfunc (image bytes in, classes out) beside the Keras model; returns its URI.
 
-    `tta` travels in the model's config, so the served model predicts exactly as it was evaluated.
+    `tta` and the prior-correction `offsets` travel in the model's config, so the served
+    model predicts exactly as it was evaluated.
     """
     import base64
 
@@ -307,7 +310,7 @@ def log_classifier(run_id: str, keras_file: Path, example_image: bytes, tta: boo
             name="classifier",
             python_model=serving_model.__file__,  # model from code: nothing pickled
             artifacts={"keras_model": str(keras_file)},
-            model_config={"tta": tta},
+            model_config={"tta": tta, "offsets": offsets},
             signature=infer_signature(example, output),
             input_example=example,
             pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas"],

@@ -93,13 +93,15 @@ def learning_rate(cfg: TrainConfig, epoch: int, plateau_lr: float) -> float:
 def _validation_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     from sklearn import metrics as skm
 
+    from lesionml.evaluation import log_loss
+
     proba = proba / proba.sum(axis=1, keepdims=True)  # a float32 softmax sums to 1 only within 1e-7
     pred = proba.argmax(axis=1)
     with warnings.catch_warnings():  # a class predicted but absent from val is fine here
         warnings.simplefilter("ignore", UserWarning)
         balanced = skm.balanced_accuracy_score(y, pred)
     return {
-        "val_loss": float(skm.log_loss(y, np.clip(proba, 1e-7, 1), labels=list(range(proba.shape[1])))),
+        "val_loss": log_loss(y, proba),
         "val_accuracy": float((pred == y).mean()),
         "val_balanced_accuracy": float(balanced),
     }

@@ -54,7 +54,15 @@ def train(
     return as_dicts(out)
 
 
-@task(name="evaluate", cache_key_fn=stage_cache_key(model_stages.evaluate, model_stages._labels, stages.load_split_images, evaluation, plots, inference.predict_proba), retries=1, retry_condition_fn=retry_transient)
+@task(
+    name="evaluate",
+    cache_key_fn=stage_cache_key(
+        model_stages.evaluate, model_stages._decision_rule, model_stages._labels, stages.load_split_images,
+        evaluation, plots, inference.predict_proba, inference.apply_offsets,
+    ),
+    retries=1,
+    retry_condition_fn=retry_transient,
+)
 def evaluate(
     name: str, model_keras: dict, summary_json: dict, images_npz: dict, split_csv: dict, workspace: str, params: dict
 ) -> dict:

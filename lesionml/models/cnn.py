@@ -21,7 +21,7 @@ def build_cnn(cfg: CNNConfig, image_size: tuple[int, int], stats: NormStats, n_c
         model.add(layers.BatchNormalization(name=f"b{b}_bn"))
         model.add(layers.MaxPooling2D(2, name=f"b{b}_pool"))
         model.add(layers.Dropout(cfg.dropout, name=f"b{b}_dropout"))
-    model.add(layers.Flatten(name="flatten"))
+    model.add(layers.Flatten(name="flatten") if cfg.head == "flatten" else layers.GlobalAveragePooling2D(name="global_average"))
     model.add(layers.Dense(cfg.dense_units, activation="relu", name="dense"))
     model.add(layers.Dropout(cfg.dense_dropout, name="dense_dropout"))
     model.add(layers.Dense(n_classes, activation="softmax", name="probabilities"))

@@ -110,6 +110,36 @@ def test_registry_has_versions_with_tags_card_and_aliases(full_run):
     assert "Not a medical device" in v.description and "melanoma sensitivity" in v.description
 
 
+def test_served_champion_decides_exactly_as_it_was_evaluated(full_run):
+    """Same test images through the registered pyfunc (TTA + prior correction from its config)
+    and through evaluation: the same classes and probabilities."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from lesionml import tracking
+    from lesionml.config import TrackingConfig
+    from lesionml.evaluation import PRIOR_TAUS
+
+    params, first, _ = full_run
+    name = params["registry"]["model_name"]
+    client = MlflowClient(params["tracking"]["uri"])
+    architecture = client.get_model_version_by_alias(name, "champion").tags["architecture"]
+    metrics = json.loads(Path(first["artifacts"][f"evaluate.{architecture}.metrics"]["path"]).read_text())
+    decision = metrics["decision"]
+    assert decision["prior_correction"] is True and decision["tau"] in PRIOR_TAUS and len(decision["offsets"]) == 7
+    assert set(decision["argmax"]) == {"val", "test"}
+
+    table = pd.read_csv(first["artifacts"][f"evaluate.{architecture}.predictions"]["path"])
+    test = table[table.split == "test"].head(12)
+    tracking.connect(TrackingConfig(**params["tracking"]))  # not mlflow.set_tracking_uri: it leaks into the env
+    served = tracking.load_pyfunc(f"models:/{name}@champion").predict(
+        pd.DataFrame({"path": [str(SAMPLE / "images" / f"{i}.jpg") for i in test.image_id]})
+    )
+    assert served.predicted.tolist() == test.predicted.tolist()
+    columns = [c for c in test.columns if c.startswith("p_")]
+    np.testing.assert_allclose(served[columns].to_numpy(), test[columns].to_numpy(), atol=1e-5)
+
+
 def test_champion_moves_only_on_a_significant_win(full_run, tmp_path):
     from mlflow import MlflowClient
 

@@ -14,7 +14,9 @@ from lesionml.evaluation import (
     expected_calibration_error,
     lesion_bootstrap,
     predictions_table,
+    tune_prior_correction,
 )
+from lesionml.inference import apply_offsets
 
 
 def _proba(y, hit_rate, seed=0):
@@ -132,3 +134,46 @@ def test_vectorised_bootstrap_equals_scikit_learn_on_each_resample():
             assert auc[r] == pytest.approx(skm.roc_auc_score(t, proba[idx], multi_class="ovr", labels=labels))
         else:
             assert np.isnan(auc[r])
+
+
+def _prior_learning_model(n: int, prior: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from `prior` and the probabilities of a model that folded the prior into
+    its noisy evidence, as a model trained on imbalanced data does."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(7, size=n, p=prior)
+    evidence = rng.normal(0.0, 1.0, (n, 7))
+    evidence[np.arange(n), y] += 1.5
+    logits = evidence + np.log(prior)
+    proba = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return y, proba / proba.sum(axis=1, keepdims=True)
+
+
+def _balanced(y, proba):
+    return classification_metrics(y, proba)["balanced_accuracy"]
+
+
+def test_prior_correction_tuned_on_val_raises_balanced_accuracy_on_unseen_test():
+    prior = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    y_val, p_val = _prior_learning_model(1300, prior, seed=1)
+    y_test, p_test = _prior_learning_model(1300, prior, seed=2)
+    tau, offsets = tune_prior_correction(y_val, p_val, prior)
+    assert 0.5 <= tau <= 1.5  # the model carries the whole prior: about all of it should come out
+    np.testing.assert_allclose(offsets, -tau * np.log(prior))
+    assert _balanced(y_test, apply_offsets(p_test, offsets)) > _balanced(y_test, p_test) + 0.05
+    assert classification_metrics(y_test, apply_offsets(p_test, offsets))["accuracy"] < \
+        classification_metrics(y_test, p_test)["accuracy"]  # the price, recorded beside the gain
+
+
+def test_prior_correction_is_plain_argmax_when_the_prior_is_uniform():
+    y, p = _prior_learning_model(500, np.full(7, 1 / 7), seed=3)
+    tau, offsets = tune_prior_correction(y, p, np.full(7, 1 / 7))
+    assert tau == 0.0  # every tau gives the same decisions; ties go to the smallest
+    np.testing.assert_array_equal(apply_offsets(p, offsets).argmax(axis=1), p.argmax(axis=1))
+
+
+def test_apply_offsets_renormalizes_and_none_is_identity():
+    p = _proba(np.arange(7).repeat(3), 0.8)
+    assert apply_offsets(p, None) is p
+    shifted = apply_offsets(p, np.log([1, 1, 1, 1, 1, 1e-6, 1]))
+    np.testing.assert_allclose(shifted.sum(axis=1), 1.0)
+    assert (shifted.argmax(axis=1) != CLASSES.index("nv")).all()
