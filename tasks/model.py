@@ -9,7 +9,7 @@ from prefect import task
 
 from lesionml import evaluation, inference, model_card, model_stages, models, plots, training
 from lesionml.config import EvaluateConfig, Params
-from lesionml.data import stages
+from lesionml.data import augment, stages
 from lesionml.io import Artifact
 from lesionml.tracking import RunContext
 from lesionml.workspace import Workspace
@@ -33,7 +33,7 @@ def _train_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     name="train",
     cache_key_fn=stage_cache_key(
         model_stages.train, model_stages._train, model_stages._labels, stages.load_split_images, stages.read_stats,
-        models, training, *models.modules(), select=_train_key_inputs
+        augment, models, training, *models.modules(), select=_train_key_inputs
     ),
     retries=1,
     retry_delay_seconds=10,

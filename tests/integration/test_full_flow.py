@@ -22,7 +22,8 @@ def full_run(tmp_path_factory):
     models["cnn"].update(filters=[8, 16], dense_units=16)
     models["cnn_lstm"].update(filters=[8, 16], lstm_units=8, dense_units=8)
     params_file = write_params(
-        tmp, SAMPLE, data={"image_size": [32, 40]}, train={"epochs": 2, "batch_size": 32}, models=models
+        tmp, SAMPLE, data={"image_size": [32, 40]}, train={"epochs": 2, "batch_size": 32}, models=models,
+        evaluate={"prior_correction": True},  # off by default; on here so serving is tested with its offsets
     )
     params = yaml.safe_load(params_file.read_text())
     first = pipeline(params_file=str(params_file))
