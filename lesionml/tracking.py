@@ -298,7 +298,8 @@ def log_classifier(
     import mlflow
     import pandas as pd
     import tensorflow as tf
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ColSpec, Schema
 
     from lesionml import serving_model
     from lesionml.data.metadata import CLASSES
@@ -311,7 +312,11 @@ def log_classifier(
             python_model=serving_model.__file__,  # model from code: nothing pickled
             artifacts={"keras_model": str(keras_file)},
             model_config={"tta": tta, "offsets": offsets},
-            signature=infer_signature(example, output),
+            # Either column: `image` (bytes, or base64 text in JSON) or `path` (files the server can read).
+            signature=ModelSignature(
+                inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]),
+                outputs=infer_signature(example, output).outputs,
+            ),
             input_example=example,
             pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas"],
         )
