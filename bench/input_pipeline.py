@@ -81,8 +81,9 @@ def main() -> int:
             seconds = pd.read_csv(result.history_path).seconds.iloc[1:]  # epoch 1 is the warm-up
         return len(images) * len(seconds) / seconds.sum()
 
-    # ABBA order: this VM's speed drifts under sustained load (whole epochs capped at the
-    # same wall time), and a drift then weighs on both sides alike instead of on the second.
+    # ABBA order, two measurements per side: Keras' own array pipeline (the bare side) keeps
+    # tf.data's autotuner on, whose epochs randomly take up to twice as long (bench/autotune.py);
+    # a slow stretch then weighs on both sides alike instead of on whichever ran during it.
     rates: dict[str, list[float]] = {"bare": [], "pipeline": []}
     for side in ("bare", "pipeline", "pipeline", "bare"):
         rates[side].append(bare() if side == "bare" else pipeline())
