@@ -301,9 +301,11 @@ def _compare(args: argparse.Namespace) -> None:
             f"| {row.run_id[:8]} | {row['tags.mlflow.runName']} | {ci(row, 'accuracy')} | {ci(row, 'balanced_accuracy')} "
             f"| {' | '.join(cells)} | {num(row.get('metrics.train_seconds'), 0)} |"
         )
-    param_cols = [c for c in runs.columns if c.startswith("params.") and runs[c].nunique(dropna=False) > 1]
+    # Evaluation settings are tags (a cached model is re-evaluated in its training run).
+    param_cols = [c for c in runs.columns if c.startswith(("params.", "tags.evaluate."))
+                  and runs[c].nunique(dropna=False) > 1]
     differ = ["", "Params that differ:", ""] + [
-        f"- {c.removeprefix('params.')}: " + ", ".join(f"{r[:8]}={v}" for r, v in zip(runs.run_id, runs[c]))
+        f"- {c.split('.', 1)[1]}: " + ", ".join(f"{r[:8]}={v}" for r, v in zip(runs.run_id, runs[c]))
         for c in param_cols if c != "params.model.parameters"
     ]
     text = "\n".join(lines + (differ if len(differ) > 3 else ["", "All params equal (other than the model)."]))

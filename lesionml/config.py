@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lesionml.errors import ConfigError
 
@@ -67,7 +67,30 @@ class AugmentConfig(_Section):
 MODEL_NAMES = ("cnn", "cnn_lstm")
 
 
-class CNNConfig(_Section):
+class _ModelSection(_Section):
+    """A model's architecture, plus `train`: settings of the train section for this model only.
+
+    Models of different depth peak at different points of a schedule: the CNN+LSTM overfits
+    in the epochs the CNN still needs (see README, "Results"). Keys are `train` keys.
+    """
+
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("train")
+    @classmethod
+    def _check_train_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(overrides) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown train setting {unknown[0]!r}; known: {', '.join(TrainConfig.model_fields)}")
+        try:
+            TrainConfig.model_validate(overrides)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"{err['loc'][0]}: {err['msg']} (got {err['input']!r})") from None
+        return overrides
+
+
+class CNNConfig(_ModelSection):
     """MODEL1: conv blocks (convs + batch norm + max pool + dropout), a pooling head, two Dense.
 
     `head`: `flatten` keeps where each feature was (the seed's head, most parameters);
@@ -84,7 +107,7 @@ class CNNConfig(_Section):
     dense_dropout: float = Field(0.5, ge=0, lt=1)
 
 
-class CNNLSTMConfig(_Section):
+class CNNLSTMConfig(_ModelSection):
     """MODEL2: conv front (conv + batch norm + max pool), rows of the map read by an LSTM."""
 
     filters: tuple[int, ...] = (32, 64, 128)
@@ -194,6 +217,10 @@ class Params(_Section):
             db = (root / self.tracking.uri.removeprefix("sqlite:///")).resolve()
             tracking = tracking.model_copy(update={"uri": f"sqlite:///{db}"})
         return self.model_copy(update={"data": data, "tracking": tracking})
+
+    def train_for(self, model: str) -> TrainConfig:
+        """The train section as `model` trains: with its `models.<model>.train` settings applied."""
+        return TrainConfig.model_validate({**self.train.model_dump(), **getattr(self.models, model).train})
 
     def flat(self) -> dict[str, Any]:
         """Every param as `section.key` -> value: how MLflow and DVC show them."""

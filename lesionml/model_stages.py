@@ -67,7 +67,8 @@ def train(
 def _train(
     name: str, images: Artifact, split: Artifact, stats: Artifact, ws: Workspace, params: Params, run_id: str | None
 ) -> dict[str, Artifact]:
-    seed_everything(params.train.seed, params.train.deterministic)
+    train_cfg = params.train_for(name)
+    seed_everything(train_cfg.seed, train_cfg.deterministic)
     (train_x, train_rows), (val_x, val_rows) = load_split_images(images, split, "train", "val")
     norm = read_stats(stats)
     image_size = (int(train_x.shape[1]), int(train_x.shape[2]))
@@ -77,7 +78,7 @@ def _train(
     key = hashlib.sha256(
         json.dumps(
             [name, images.sha256, split.sha256, stats.sha256, model_cfg.model_dump(mode="json"),
-             params.section("train"), params.section("augment")],
+             train_cfg.model_dump(mode="json"), params.section("augment")],
             sort_keys=True,
         ).encode()
     ).hexdigest()[:16]
@@ -85,12 +86,12 @@ def _train(
     workdir = out / ".work" / key
     hooks = [lambda epoch, m: tracking.log_metrics(run_id, m, step=epoch)] if run_id else []
     print(f"training {name}: {len(train_x)} train / {len(val_x)} val images of {image_size[0]}x{image_size[1]}, "
-          f"{model.count_params():,} parameters, up to {params.train.epochs} epochs")
+          f"{model.count_params():,} parameters, up to {train_cfg.epochs} epochs")
     result = fit(
         model,
         (train_x, _labels(train_rows)),
         (val_x, _labels(val_rows)),
-        params.train,
+        train_cfg,
         workdir,
         ws.model_file(name),
         augment=params.augment,
@@ -109,13 +110,16 @@ def _train(
         "parameters": int(model.count_params()),
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
-        f"best_{params.train.monitor}": result.best_value,
+        f"best_{train_cfg.monitor}": result.best_value,
         "train_seconds": round(result.seconds, 2),
         "train_images_per_second": round(result.train_images_per_second, 1),
     }
     write_json(out / "summary.json", summary)
     if run_id:
-        tracking.log_params(run_id, params, {"model.name": name, "model.parameters": summary["parameters"]})
+        # The train settings this model actually used. No `evaluate` params: a cached model is
+        # re-evaluated in this same run, and a param cannot change; evaluation sets tags instead.
+        extra = {"model.name": name, "model.parameters": summary["parameters"]}
+        tracking.log_params(run_id, params.model_copy(update={"train": train_cfg}), extra, skip=("evaluate",))
         tracking.log_metrics(run_id, {k: v for k, v in summary.items() if k in (
             "epochs_run", "best_epoch", "train_seconds", "train_images_per_second")})
         tracking.log_text(run_id, tracking.model_summary(model), "model_summary.txt")
@@ -183,6 +187,7 @@ def evaluate(
         flat["eval_prior_tau"] = decision["tau"]
         flat.update({f"eval_{s}_{k}_argmax": v for s, m in decision.get("argmax", {}).items() for k, v in m.items()})
         tracking.log_metrics(run_id, flat)
+        tracking.set_tags(run_id, {f"evaluate.{k}": str(v).lower() for k, v in cfg.model_dump(mode="json").items()})
         for f in ("metrics.json", "predictions.csv", *figures):
             tracking.log_artifact(run_id, out / f, "evaluation")
     return {"metrics": Artifact.of(out / "metrics.json"), "predictions": Artifact.of(out / "predictions.csv")}

@@ -215,10 +215,14 @@ def end_run(run_id: str, ok: bool = True) -> None:
 
 
 @_store_call
-def log_params(run_id: str, params: Params, extra: dict[str, Any] | None = None) -> None:
+def log_params(
+    run_id: str, params: Params, extra: dict[str, Any] | None = None, skip: tuple[str, ...] = ()
+) -> None:
+    """Params are write-once in MLflow: `skip` leaves out sections that may change later in the run's life."""
     from mlflow.entities import Param
 
-    flat = {**params.flat(), **(extra or {})}
+    flat = {k: v for k, v in params.flat().items() if k.split(".", 1)[0] not in skip}
+    flat.update(extra or {})
     batch = [Param(k, redact(str(v))[:PARAM_VALUE_LIMIT]) for k, v in sorted(flat.items())]
     for i in range(0, len(batch), 100):
         client().log_batch(run_id, params=batch[i : i + 100])

@@ -23,8 +23,8 @@ def _train_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
         "name": inputs["name"],
         "artifacts": [inputs["images_npz"], inputs["split_csv"], inputs["stats_json"]],
         "workspace": inputs["workspace"],
-        "model": p["models"][inputs["name"]],
-        "train": p["train"],
+        "model": p["models"][inputs["name"]],  # with its own train settings, which win over the section's
+        "train": {**p["train"], **p["models"][inputs["name"]]["train"]},
         "augment": p["augment"],
     }
 

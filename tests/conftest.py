@@ -23,6 +23,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from lesionml.config import MODEL_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 FULL = ROOT.parent / "shared" / "data" / "ham10000"
@@ -118,9 +120,13 @@ def build_release(dest: Path, rows: pd.DataFrame, layout: str = "flat") -> Path:
 def write_params(tmp: Path, source: Path, **sections: dict) -> Path:
     """tmp/params.yaml: the project's params with a temp workspace and MLflow store.
 
-    `sections` update single keys, e.g. write_params(tmp, src, split={"seed": 7}).
+    `sections` update single keys, e.g. write_params(tmp, src, split={"seed": 7}). A test's
+    `train` section is meant for every model: the project's per-model train settings
+    (`models.<name>.train`, e.g. the CNN+LSTM's 15 epochs) are dropped unless `sections` sets them.
     """
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for name in MODEL_NAMES:
+        params["models"][name].pop("train", None)
     params["data"].update(source=str(source), workspace=str(tmp / "ws"))
     params["tracking"].update(uri=f"sqlite:///{tmp / 'mlruns.db'}", artifacts=str(tmp / "artifacts"))
     for section, values in sections.items():

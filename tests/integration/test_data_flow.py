@@ -15,6 +15,7 @@ from conftest import SAMPLE, build_release, whole_lesion_rows, write_params
 
 from flows.pipeline import pipeline
 from lesionml.cli import main
+from lesionml.config import load_params
 from lesionml.data.source import build_manifest, release_fingerprint
 
 pytestmark = pytest.mark.integration
@@ -112,7 +113,8 @@ def test_cli_run_only_data_prints_the_summary(release, tmp_path, capsys):
     assert "images per class and split:" in out
     total = next(line for line in out.splitlines() if line.startswith("total"))
     assert sum(int(v) for v in total.split()[1:]) == n
-    assert f"image array  {n} x 75x100x3 uint8" in out
+    height, width = load_params(params).data.image_size
+    assert f"image array  {n} x {height}x{width}x3 uint8" in out
     assert "stages       ingest (ran), preprocess (ran), split (ran), normalize (ran), augment (ran)" in out
     assert f"outputs      {tmp_path / 'project' / 'ws'}" in out
     for artifact in ("ingest.manifest", "preprocess.images", "split.split", "normalize.stats", "augment.preview"):

@@ -20,7 +20,7 @@ def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
     models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
     models["cnn"].update(filters=[8, 16], dense_units=16)
-    models["cnn_lstm"].update(filters=[8, 16], lstm_units=8, dense_units=8)
+    models["cnn_lstm"].update(filters=[8, 16], lstm_units=8, dense_units=8, train={"epochs": 1})  # its own schedule
     params_file = write_params(
         tmp, SAMPLE, data={"image_size": [32, 40]}, train={"epochs": 2, "batch_size": 32}, models=models,
         evaluate={"prior_correction": True},  # off by default; on here so serving is tested with its offsets
@@ -62,6 +62,8 @@ def test_mlflow_records_parent_and_nested_model_runs(full_run):
     for run in children:
         summary = json.loads(Path(first["artifacts"][f"train.{run.info.run_name}.summary"]["path"]).read_text())
         assert summary["run_id"] == run.info.run_id
+        epochs = {"cnn": 2, "cnn_lstm": 1}[run.info.run_name]  # the cnn_lstm's models.cnn_lstm.train.epochs wins
+        assert summary["epochs_run"] == epochs and run.data.params["train.epochs"] == str(epochs)
         history = client.get_metric_history(run.info.run_id, "val_loss")
         assert [m.step for m in history] == list(range(1, summary["epochs_run"] + 1))
         for metric in ("loss", "accuracy", "val_accuracy", "learning_rate"):
@@ -69,6 +71,8 @@ def test_mlflow_records_parent_and_nested_model_runs(full_run):
         for metric in ("eval_test_accuracy", "eval_test_balanced_accuracy", "eval_val_macro_f1", "eval_test_recall_mel",
                        "eval_test_roc_auc_mel", "eval_test_ece", "eval_test_balanced_accuracy_ci95_low"):
             assert metric in run.data.metrics
+        assert run.data.tags["evaluate.prior_correction"] == "true"
+        assert not [k for k in run.data.params if k.startswith("evaluate.")], "evaluation settings are tags"
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"model_summary.txt", "training", "evaluation", "preprocessing"} <= names
         training = {a.path for a in client.list_artifacts(run.info.run_id, "training")}
@@ -242,3 +246,19 @@ def test_compare_prints_and_logs_the_table(full_run, capsys):
     parent = out.strip().rsplit("MLflow run ", 1)[1].rstrip(")")
     names = {a.path for a in MlflowClient(params["tracking"]["uri"]).list_artifacts(parent)}
     assert "comparison.md" in names
+
+
+def test_re_evaluating_a_cached_model_updates_its_runs_evaluation_tags(full_run):
+    from mlflow import MlflowClient
+
+    from flows.pipeline import pipeline
+
+    params, first, _ = full_run
+    params_file = Path(first["workspace"]).parent / "params.yaml"
+    # The same training params as the last run (the champion test's), so its model is the cached one.
+    again = pipeline(params_file=str(params_file), overrides=["train.seed=5", "train.epochs=1", "evaluate.tta=false"])
+    assert again["cached"]["train.cnn"] and not again["cached"]["evaluate.cnn"]
+    client = MlflowClient(params["tracking"]["uri"])
+    summary = json.loads(Path(again["artifacts"]["train.cnn.summary"]["path"]).read_text())
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["evaluate.tta"] == "false", "the run says which settings its latest metrics came from"

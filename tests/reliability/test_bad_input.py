@@ -150,7 +150,8 @@ def project(tmp_path_factory) -> Iterator[Project]:
     rows = _good_rows()
     release = root / "good"
     awkward = _build_good_release(release, rows)
-    params = write_params(root / "project", release, augment={"preview_images": 2})
+    # 75x100: the AWKWARD checks name pixel columns of that size.
+    params = write_params(root / "project", release, data={"image_size": [75, 100]}, augment={"preview_images": 2})
     # Heartbeats detect crashed flow runs; at its end every flow run waits up to 1 s for the
     # heartbeat thread to stop: ~25 s over this module's runs. No run here may crash.
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):

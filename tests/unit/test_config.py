@@ -234,3 +234,24 @@ def test_empty_section_means_defaults(tmp_path):
     p.write_text("split:\n  # seed: 3\ntrain:\n  epochs: 2\n")
     params = load_params(p, ["split.seed=7"])
     assert params.split.seed == 7 and params.split.val_fraction == 0.15 and params.train.epochs == 2
+
+
+def test_a_models_own_train_settings_win_for_that_model_only(tmp_path):
+    path = _write(tmp_path, {"train": {"epochs": 40, "learning_rate": 0.002}})
+    params = load_params(path, ["models.cnn_lstm.train.epochs=20"])
+    assert params.train_for("cnn_lstm").epochs == 20
+    assert params.train_for("cnn_lstm").learning_rate == 0.002, "settings it does not name come from train"
+    assert params.train_for("cnn").epochs == 40
+    assert params.flat()["models.cnn_lstm.train.epochs"] == 20
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("models.cnn.train.epoch=5", "models.cnn.train: unknown train setting 'epoch'"),
+        ("models.cnn_lstm.train.epochs=0", "models.cnn_lstm.train: epochs: Input should be greater than or equal to 1"),
+        ("models.cnn.train.monitor=auc", "models.cnn.train: monitor: Input should be"),
+    ],
+)
+def test_bad_per_model_train_settings_are_named(tmp_path, override, needle):
+    assert needle in _error(_write(tmp_path, {}), [override])
