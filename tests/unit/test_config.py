@@ -48,7 +48,8 @@ def test_one_section_given_the_others_default(tmp_path):
 def test_the_projects_own_params_file_is_valid(sample_dir):
     params = load_params(ROOT / "params.yaml")
     assert params.data.source == sample_dir.resolve()
-    assert params.data.image_size == (75, 100)
+    assert params.data.image_size == (96, 128)
+    assert params.train_for("cnn_lstm").epochs == 8 and params.train_for("cnn").epochs == params.train.epochs
     assert set(params.models.enabled) <= {"cnn", "cnn_lstm"}
 
 
