@@ -23,8 +23,9 @@ def _train_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
         "name": inputs["name"],
         "artifacts": [inputs["images_npz"], inputs["split_csv"], inputs["stats_json"]],
         "workspace": inputs["workspace"],
-        "model": p["models"][inputs["name"]],  # with its own train settings, which win over the section's
-        "train": {**p["train"], **p["models"][inputs["name"]]["train"]},
+        "model": p["models"][inputs["name"]],
+        # What this model trains with (its own settings applied), by the rule training itself uses.
+        "train": Params.model_validate(p).train_for(inputs["name"]).model_dump(mode="json"),
         "augment": p["augment"],
     }
 
