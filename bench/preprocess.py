@@ -1,6 +1,7 @@
 """Preprocessing throughput: lesionml's decoder against the seed notebook's plain loop.
 
-Both turn every JPEG of a HAM10000 release into one uint8 array of 75x100 (height x width):
+Both turn every JPEG of a HAM10000 release into one uint8 array of --size (height x width;
+default 75x100, the seed notebook's size; params.yaml's default is 96x128):
 - plain: `df.path.map(lambda p: np.asarray(Image.open(p).resize((100, 75))))` then
   `np.stack`, one process, one thread, full-size decode (what the seed notebook did);
 - pipeline: `lesionml.data.images.load_images(locations, (75, 100), max_pixels, workers=N)`,
@@ -12,7 +13,7 @@ not the disk or first-call costs. The sides alternate order on each repeat. Best
 of --repeats are printed; the ratio uses the best times.
 
     python bench/preprocess.py [--source ../shared/data/ham10000] [--repeats 3] [--workers 2]
-                               [--limit N] [--json results.json]
+                               [--size 96 128] [--limit N] [--json results.json]
 """
 
 from __future__ import annotations
@@ -34,14 +35,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "ham10000"
 METADATA = "HAM10000_metadata.csv"
-SIZE = (75, 100)  # height, width
 MAX_PIXELS = 40_000_000  # params.yaml data.max_image_pixels
 GOAL = 2.0
 
 
-def plain_loop(paths: pd.Series) -> np.ndarray:
-    """The seed notebook's preprocessing, verbatim apart from the stack."""
-    return np.stack(paths.map(lambda p: np.asarray(Image.open(p).resize((SIZE[1], SIZE[0])))).tolist())
+def plain_loop(paths: pd.Series, size: tuple[int, int]) -> np.ndarray:
+    """The seed notebook's preprocessing, verbatim apart from the stack and the size."""
+    return np.stack(paths.map(lambda p: np.asarray(Image.open(p).resize((size[1], size[0])))).tolist())
 
 
 def fail(message: str) -> int:
@@ -54,9 +54,12 @@ def main() -> int:
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help=f"HAM10000 folder (default {DEFAULT_SOURCE})")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (default 3)")
     ap.add_argument("--workers", type=int, default=2, help="load_images threads (default 2)")
+    ap.add_argument("--size", type=int, nargs=2, default=(75, 100), metavar=("H", "W"),
+                    help="output height and width (default 75 100, the seed's)")
     ap.add_argument("--limit", type=int, help="use only the first N images of the metadata")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     args = ap.parse_args()
+    size = (args.size[0], args.size[1])
     if args.repeats < 1:
         return fail("--repeats must be >= 1")
     if args.limit is not None and args.limit < 1:
@@ -90,18 +93,18 @@ def main() -> int:
     warm_s = time.perf_counter() - started
 
     def plain() -> np.ndarray:
-        return plain_loop(paths)
+        return plain_loop(paths, size)
 
     def pipeline() -> np.ndarray:
-        return load_images(locations, SIZE, MAX_PIXELS, workers=args.workers)
+        return load_images(locations, size, MAX_PIXELS, workers=args.workers)
 
     sides = {"plain": plain, "pipeline": pipeline}
     # Untimed first calls on a few images (plugin imports, thread-pool code paths).
-    plain_loop(paths.iloc[:64])
-    load_images(locations[:64], SIZE, MAX_PIXELS, workers=args.workers)
+    plain_loop(paths.iloc[:64], size)
+    load_images(locations[:64], size, MAX_PIXELS, workers=args.workers)
 
     print(f"source    {source}")
-    print(f"images    {n} JPEGs ({cached_bytes / 1e6:.1f} MB) -> {SIZE[0]}x{SIZE[1]} uint8 RGB")
+    print(f"images    {n} JPEGs ({cached_bytes / 1e6:.1f} MB) -> {size[0]}x{size[1]} uint8 RGB")
     print(f"machine   {os.cpu_count()} CPUs, Python {platform.python_version()}, Pillow {PIL.__version__}, NumPy {np.__version__}")
     print(f"warm-up   OS file cache warmed once before timing (read all {n} files in {warm_s:.2f} s); "
           f"each side run once untimed on 64 images")
@@ -118,7 +121,7 @@ def main() -> int:
             timings[name].append(time.perf_counter() - t0)
 
     a, b = results["plain"], results["pipeline"]
-    expected = (n, *SIZE, 3)
+    expected = (n, *size, 3)
     if a.shape != b.shape or a.dtype != b.dtype:
         return fail(f"arrays differ: plain {a.shape} {a.dtype}, pipeline {b.shape} {b.dtype}")
     shape_ok = a.shape == expected
@@ -160,7 +163,7 @@ def main() -> int:
                 {
                     "source": str(source),
                     "images": n,
-                    "size_hw": list(SIZE),
+                    "size_hw": list(size),
                     "workers": args.workers,
                     "repeats": args.repeats,
                     "cpu_count": os.cpu_count(),

@@ -99,12 +99,30 @@ class CNNConfig(_ModelSection):
     """
 
     filters: tuple[int, ...] = (32, 64, 128, 256)
-    convs_per_block: int = Field(1, ge=1, le=4)
+    # One count for every block, or one per block: a conv at 12x16 costs a fraction of one at
+    # full resolution, so depth is cheapest where the map is small.
+    convs_per_block: int | tuple[int, ...] = 1
     kernel_size: int = Field(3, ge=1, le=11)
     dropout: float = Field(0.1, ge=0, lt=1)
     head: Literal["flatten", "global_average"] = "flatten"
     dense_units: int = Field(128, ge=1)
     dense_dropout: float = Field(0.5, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check_convs(self) -> "CNNConfig":
+        counts = self.convs_per_block
+        if isinstance(counts, tuple) and len(counts) != len(self.filters):
+            raise ValueError(
+                f"convs_per_block lists {len(counts)} counts for {len(self.filters)} blocks (filters {list(self.filters)})"
+            )
+        if any(not 1 <= c <= 4 for c in (counts if isinstance(counts, tuple) else (counts,))):
+            raise ValueError(f"convs_per_block must be between 1 and 4 per block, got {counts}")
+        return self
+
+    def block_convs(self) -> tuple[int, ...]:
+        """The number of convs of each block."""
+        counts = self.convs_per_block
+        return counts if isinstance(counts, tuple) else (counts,) * len(self.filters)
 
 
 class CNNLSTMConfig(_ModelSection):
@@ -159,6 +177,11 @@ class TrainConfig(_Section):
     lr_factor: float = Field(0.5, gt=0, lt=1)
     min_lr: float = Field(1e-5, ge=0)
     deterministic: bool = False
+    # mixed_bfloat16: layers compute in bfloat16, weights stay float32. Layers ran 1.2-1.5x
+    # faster on this machine's AMX/AVX512-BF16 cores, but whole epochs (augmentation shares
+    # the cores) only 1.06x, for no better scores (README, "Results"); on a CPU without
+    # bfloat16 units it is emulated, so slower.
+    precision: Literal["float32", "mixed_bfloat16"] = "float32"
 
 
 class EvaluateConfig(_Section):

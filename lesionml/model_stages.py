@@ -73,7 +73,7 @@ def _train(
     norm = read_stats(stats)
     image_size = (int(train_x.shape[1]), int(train_x.shape[2]))
     model_cfg = getattr(params.models, name)
-    model = build_model(name, model_cfg, image_size, norm, len(CLASSES))
+    model = build_model(name, model_cfg, image_size, norm, len(CLASSES), train_cfg.precision)
     # Resumable state lives in a folder keyed by everything that defines the training run.
     key = hashlib.sha256(
         json.dumps(

@@ -3,7 +3,9 @@
 Every builder returns an uncompiled Keras model whose input is raw RGB pixels (0-255,
 float32, shape (H, W, 3)) and whose first layer z-scores them with the training split's
 statistics. The statistics therefore ship inside every saved model, and inference needs
-nothing but resizing.
+nothing but resizing. The softmax layer is float32 whatever the precision, so probabilities
+(and the losses, TTA averages and offsets computed from them) keep full precision; so is the
+z-scoring, which bfloat16's 8-bit mantissa would round to whole pixel values before it.
 """
 
 from __future__ import annotations
@@ -33,16 +35,28 @@ def modules() -> tuple:
     return (cnn, cnn_lstm)
 
 
-def build_model(name: str, cfg: Any, image_size: tuple[int, int], stats: NormStats, n_classes: int) -> "keras.Model":
+def build_model(
+    name: str, cfg: Any, image_size: tuple[int, int], stats: NormStats, n_classes: int, precision: str = "float32"
+) -> "keras.Model":
+    """Build under dtype policy `precision`: each layer keeps the policy it was built with,
+    in training and in the saved model, so the global policy is restored straight after."""
+    import keras
+
     builders = _builders()
     if name not in builders:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(builders)}")
-    return builders[name](cfg, image_size, stats, n_classes)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        return builders[name](cfg, image_size, stats, n_classes)
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 def normalization_layer(stats: NormStats) -> "keras.layers.Layer":
     import keras
 
     return keras.layers.Normalization(
-        axis=-1, mean=list(stats.mean), variance=[s * s for s in stats.std], name="zscore_train_stats"
+        axis=-1, mean=list(stats.mean), variance=[s * s for s in stats.std], name="zscore_train_stats",
+        dtype="float32",
     )

@@ -30,5 +30,5 @@ def build_cnn_lstm(cfg: CNNLSTMConfig, image_size: tuple[int, int], stats: NormS
     x = layers.Bidirectional(lstm, name="bilstm")(x) if cfg.bidirectional else lstm(x)
     x = layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
     x = layers.Dropout(cfg.dense_dropout, name="dense_dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="cnn_lstm")

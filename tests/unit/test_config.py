@@ -104,6 +104,12 @@ def test_wrong_type_is_named_with_the_value(tmp_path, tree, needle):
         ),
         ({"data": {"image_size": [4, 100]}}, "data: image_size must be two sides between 8 and 1024, got [4, 100]"),
         ({"augment": {"rotation_degrees": 270}}, "augment.rotation_degrees: Input should be less than or equal to 180"),
+        (
+            {"models": {"cnn": {"filters": [8, 16, 32], "convs_per_block": [1, 2]}}},
+            "models.cnn: convs_per_block lists 2 counts for 3 blocks (filters [8, 16, 32])",
+        ),
+        ({"models": {"cnn": {"convs_per_block": 0}}}, "convs_per_block must be between 1 and 4 per block, got 0"),
+        ({"train": {"precision": "float16"}}, "train.precision: Input should be 'float32' or 'mixed_bfloat16'"),
     ],
 )
 def test_out_of_range_is_named(tmp_path, tree, needle):

@@ -37,6 +37,36 @@ def test_models_map_raw_pixels_to_class_probabilities(name, cfg):
     np.testing.assert_allclose(np.asarray(norm.mean).ravel(), STATS.mean)
 
 
+def test_cnn_blocks_take_their_own_conv_counts():
+    model = build_model("cnn", CNNConfig(filters=(4, 8, 8), convs_per_block=(1, 1, 3), dense_units=8), (32, 40), STATS, 7)
+    convs = [layer.name for layer in model.layers if "_conv" in layer.name]
+    assert convs == ["b0_conv0", "b1_conv0", "b2_conv0", "b2_conv1", "b2_conv2"]
+
+
+@pytest.mark.parametrize("name,cfg", [("cnn", TINY_CNN), ("cnn_lstm", TINY_LSTM)])
+def test_mixed_bfloat16_computes_in_bfloat16_but_z_scores_and_outputs_float32(name, cfg, tmp_path):
+    import keras
+
+    model = build_model(name, cfg, (32, 40), STATS, 7, precision="mixed_bfloat16")
+    assert keras.config.dtype_policy().name == "float32", "the global policy is restored after building"
+    policies = {layer.name: layer.dtype_policy.name for layer in model.layers}
+    assert policies["zscore_train_stats"] == policies["probabilities"] == "float32"
+    assert policies["b0_bn"] == "mixed_bfloat16"
+    assert all(v.dtype == "float32" for v in model.weights), "weights stay float32"
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 40, 3)).astype(np.float32)
+    proba = np.asarray(model(x))
+    assert proba.dtype == np.float32
+    # the saved model computes as the trained one did: the policy travels with each layer
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.get_layer("b0_bn").dtype_policy.name == "mixed_bfloat16"
+    np.testing.assert_array_equal(np.asarray(loaded(x)), proba)
+    # bfloat16 rounds, but the model still says the same thing as its float32 twin
+    twin = build_model(name, cfg, (32, 40), STATS, 7)
+    twin.set_weights(model.get_weights())
+    np.testing.assert_allclose(np.asarray(twin(x)), proba, atol=0.05)
+
+
 def test_cnn_lstm_reads_the_feature_map_row_by_row():
     model = build_model("cnn_lstm", TINY_LSTM, (32, 40), STATS, 7)
     seq = model.get_layer("rows_as_sequence").output.shape
@@ -80,12 +110,13 @@ def _data(n=48, seed=0):
     return x, y
 
 
-def test_fit_restores_best_epoch_and_writes_complete_model(tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_fit_restores_best_epoch_and_writes_complete_model(tmp_path, precision):
     import keras
 
     x, y = _data()
-    cfg = TrainConfig(epochs=3, batch_size=16, early_stopping_patience=5)
-    model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
+    cfg = TrainConfig(epochs=3, batch_size=16, early_stopping_patience=5, precision=precision)
+    model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7, precision)
     result = fit(model, (x, y), (x[:16], y[:16]), cfg, tmp_path / "work", tmp_path / "model.keras", n_classes=7)
     history = pd.read_csv(result.history_path)
     assert list(history.epoch) == [1, 2, 3]
