@@ -115,7 +115,7 @@ class CNNConfig(_ModelSection):
             raise ValueError(
                 f"convs_per_block lists {len(counts)} counts for {len(self.filters)} blocks (filters {list(self.filters)})"
             )
-        if any(not 1 <= c <= 4 for c in (counts if isinstance(counts, tuple) else (counts,))):
+        if any(not 1 <= c <= 4 for c in self.block_convs()):
             raise ValueError(f"convs_per_block must be between 1 and 4 per block, got {counts}")
         return self
 

@@ -122,7 +122,7 @@ def write_params(tmp: Path, source: Path, **sections: dict) -> Path:
 
     `sections` update single keys, e.g. write_params(tmp, src, split={"seed": 7}). A test's
     `train` section is meant for every model: the project's per-model train settings
-    (`models.<name>.train`, e.g. the CNN+LSTM's 15 epochs) are dropped unless `sections` sets them.
+    (`models.<name>.train`, e.g. the CNN+LSTM's own epochs) are dropped unless `sections` sets them.
     """
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     for name in MODEL_NAMES:
