@@ -208,6 +208,9 @@ def _print_model_results(arts: dict) -> None:
                     f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['train_seconds']:.0f} s"
                 )
             decision = metrics.get("decision", {})
+            if decision.get("temperature", 1.0) != 1.0:
+                notes.append(f"  {name}: probabilities temperature-scaled, T {decision['temperature']:.3f} (fitted on "
+                             f"val); test ECE {decision['raw_ece']['test']:.3f} -> {metrics['test']['ece']:.3f}")
             if decision.get("prior_correction"):
                 plain = decision["argmax"]["test"]
                 notes.append(f"  {name}: prior correction tau {decision['tau']:.2f} (tuned on val); plain argmax "

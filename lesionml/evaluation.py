@@ -17,6 +17,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from lesionml.data.metadata import CLASSES
+from lesionml.inference import adjust_probabilities
 
 MELANOMA = CLASSES.index("mel")
 
@@ -57,6 +58,26 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
         if 0 < (y_true == k).sum() < len(y_true):
             out["per_class"][c]["roc_auc"] = float(skm.roc_auc_score(y_true == k, proba[:, k]))
     return out
+
+
+def fit_temperature(y_val: np.ndarray, proba_val: np.ndarray) -> float:
+    """The temperature T whose softmax(log p / T) has the lowest validation log loss.
+
+    Label smoothing trains a model to answer 0.91 where it is sure, and class weights
+    inflate the rare classes, so raw probabilities say less about how often the model is
+    right than a user reading them as risks would assume. One scalar fitted on validation
+    (Guo et al., ICML 2017) repairs most of that and cannot change a decision: the same T
+    divides every log-probability, so each row keeps its order (accuracy and AUC unchanged).
+    T < 1 sharpens (an underconfident model), T > 1 softens.
+    """
+    from scipy.optimize import minimize_scalar
+
+    def loss(log_t: float) -> float:
+        return log_loss(y_val, adjust_probabilities(proba_val, float(np.exp(log_t))))
+
+    # Bounded on log T: 0.05-20 spans every plausible miscalibration; the loss is convex in 1/T.
+    best = minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(best.x))
 
 
 PRIOR_TAUS = np.round(np.arange(0.0, 1.501, 0.05), 2)

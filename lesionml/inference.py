@@ -74,15 +74,21 @@ def predict_proba(model: "keras.Model", images: np.ndarray, tta: bool = False, b
     return proba / proba.sum(axis=1, keepdims=True)  # also: a float32 softmax sums to 1 only within 1e-7
 
 
-def apply_offsets(proba: np.ndarray, offsets: Sequence[float] | None) -> np.ndarray:
-    """Add per-class log-offsets (the tuned prior correction) to log-probabilities; renormalize.
+def adjust_probabilities(
+    proba: np.ndarray, temperature: float = 1.0, offsets: Sequence[float] | None = None
+) -> np.ndarray:
+    """softmax(log p / temperature + offsets): the fitted temperature, then the tuned prior correction.
 
     Evaluation and serving both decide through here, so the served model answers exactly
-    as the evaluated one did.
+    as the evaluated one did. Dividing every log-probability by one temperature keeps each
+    row's order, so only the offsets can change a decision.
     """
-    if offsets is None:
+    if temperature == 1.0 and offsets is None:
         return proba
-    adjusted = proba * np.exp(np.asarray(offsets, dtype=np.float64))
+    logits = np.log(np.clip(proba, 1e-300, None)) / temperature
+    if offsets is not None:
+        logits = logits + np.asarray(offsets, dtype=np.float64)
+    adjusted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return adjusted / adjusted.sum(axis=1, keepdims=True)
 
 
@@ -91,6 +97,7 @@ def predict_images(
     items: Sequence[tuple[str, bytes | None]],
     tta: bool = False,
     batch_size: int = 64,
+    temperature: float = 1.0,
     offsets: Sequence[float] | None = None,
 ) -> list[Prediction]:
     """(name, bytes) pairs -> one Prediction each, in order; bytes=None means unreadable."""
@@ -108,7 +115,7 @@ def predict_images(
         except DataError as exc:
             results[k].error = str(exc)
     if ok:
-        proba = apply_offsets(predict_proba(model, np.stack(arrays), tta, batch_size), offsets)
+        proba = adjust_probabilities(predict_proba(model, np.stack(arrays), tta, batch_size), temperature, offsets)
         for k, p in zip(ok, proba):
             results[k].predicted = CLASSES[int(p.argmax())]
             results[k].probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p)}

@@ -27,6 +27,10 @@ def render(name: str, version: str, summary: dict, metrics: dict, release: dict,
                 f"{plain['accuracy']:.3f} and balanced accuracy {plain['balanced_accuracy']:.3f}.")
     else:
         rule = "Decisions are the most probable class (no prior correction)."
+    if decision.get("temperature", 1.0) != 1.0:
+        rule += (f" Probabilities are temperature-scaled (T = {decision['temperature']:.3f}, fitted on validation "
+                 f"log loss), which changes no decision: test expected calibration error "
+                 f"{decision['raw_ece']['test']:.3f} before, {test['ece']:.3f} after.")
     return f"""# Model card: {name} version {version} ({summary['model']})
 
 ## What it is

@@ -22,12 +22,13 @@ from lesionml.data.stages import load_split_images, read_csv, read_stats, write_
 from lesionml.evaluation import (
     classification_metrics,
     expected_calibration_error,
+    fit_temperature,
     lesion_bootstrap,
     paired_bootstrap,
     predictions_table,
     tune_prior_correction,
 )
-from lesionml.inference import apply_offsets, predict_proba
+from lesionml.inference import adjust_probabilities, predict_proba
 from lesionml.io import Artifact, write_json, write_text
 from lesionml.models import build_model
 from lesionml.provenance import params_digest
@@ -157,7 +158,7 @@ def evaluate(
     labels = {which: _labels(rows) for which, (_, rows) in splits.items()}
     decision = _decision_rule(cfg, read_csv(split), labels, raw)
     for which, (x, rows) in splits.items():
-        proba = apply_offsets(raw[which], decision["offsets"])
+        proba = adjust_probabilities(raw[which], decision["temperature"], decision["offsets"])
         y = labels[which]
         m = classification_metrics(y, proba)
         m["ece"] = expected_calibration_error(y, proba)
@@ -185,6 +186,8 @@ def evaluate(
         flat.update({f"eval_{s}_{k}_ci95_{end}": v for s, m in metrics.items() for k, ci in m["ci95"].items()
                      for end, v in zip(("low", "high"), ci)})
         flat["eval_prior_tau"] = decision["tau"]
+        flat["eval_temperature"] = decision["temperature"]
+        flat.update({f"eval_{s}_ece_raw": v for s, v in decision["raw_ece"].items()})
         flat.update({f"eval_{s}_{k}_argmax": v for s, m in decision.get("argmax", {}).items() for k, v in m.items()})
         tracking.log_metrics(run_id, flat)
         tracking.set_tags(run_id, {f"evaluate.{k}": str(v).lower() for k, v in cfg.model_dump(mode="json").items()})
@@ -196,20 +199,29 @@ def evaluate(
 def _decision_rule(
     cfg: EvaluateConfig, split_rows: pd.DataFrame, labels: dict[str, np.ndarray], raw: dict[str, np.ndarray]
 ) -> dict:
-    """The prior correction the served model will apply, tuned on val; off: plain argmax.
+    """How the served model turns its raw probabilities into answers, fitted on val.
 
-    Also records what plain argmax scored on both splits, so the accuracy given up for
-    balanced accuracy is on the record next to the gain.
+    First a temperature (identity when off), so the probabilities are calibrated; then the
+    prior correction (off: plain argmax), tuned on the tempered probabilities the served
+    model will actually have. Records the uncalibrated ECE, and with the prior correction
+    what plain argmax scored, so what each step changed is on the record beside it.
     """
+    temperature = round(fit_temperature(labels["val"], raw["val"]), 6) if cfg.temperature_scaling else 1.0
+    raw_ece = {which: expected_calibration_error(labels[which], p) for which, p in raw.items()}
+    if cfg.temperature_scaling:
+        tempered_ece = expected_calibration_error(labels["val"], adjust_probabilities(raw["val"], temperature))
+        print(f"temperature scaling: T {temperature:.3f} (fitted on val log loss; val ECE {raw_ece['val']:.3f} -> "
+              f"{tempered_ece:.3f})", flush=True)
+    rule = {"temperature": temperature, "raw_ece": raw_ece}
     if not cfg.prior_correction:
-        return {"prior_correction": False, "tau": 0.0, "offsets": None}
+        return {**rule, "prior_correction": False, "tau": 0.0, "offsets": None}
     prior = split_rows[split_rows.split == "train"].dx.value_counts(normalize=True).reindex(CLASSES, fill_value=0)
-    tau, offsets = tune_prior_correction(labels["val"], raw["val"], prior.to_numpy())
+    tau, offsets = tune_prior_correction(labels["val"], adjust_probabilities(raw["val"], temperature), prior.to_numpy())
     argmax = {which: {k: classification_metrics(labels[which], p)[k] for k in ("accuracy", "balanced_accuracy")}
               for which, p in raw.items()}
     print(f"prior correction: tau {tau:.2f} (val balanced accuracy {argmax['val']['balanced_accuracy']:.3f} "
           f"with plain argmax)", flush=True)
-    return {"prior_correction": True, "tau": tau, "offsets": [round(float(o), 6) for o in offsets],
+    return {**rule, "prior_correction": True, "tau": tau, "offsets": [round(float(o), 6) for o in offsets],
             "train_prior": {c: round(float(v), 6) for c, v in prior.items()}, "argmax": argmax}
 
 
@@ -250,7 +262,7 @@ def register(
         val_scores[name] = metrics["val"][reg.promotion_metric]
         uri = tracking.log_classifier(
             summary["run_id"], Path(arts["model"].path), test_bytes[0], params.evaluate.tta,
-            metrics.get("decision", {}).get("offsets"),
+            metrics["decision"]["temperature"], metrics["decision"]["offsets"],
         )
         facts = {"architecture": name, "MLflow run": summary["run_id"], "git commit": git_commit,
                  "params hash": params_hash, "data fingerprint": rel["fingerprint"]}

@@ -7,7 +7,7 @@ are an artifact loaded with `safe_mode=True`.
 Input: a DataFrame with one row per image and a column `image` holding the image bytes
 (or base64 text of them, which is what JSON requests carry) or a column `path`.
 Output: one row per image: predicted class, its full name, the 7 probabilities (after the
-prior correction tuned at evaluation, if any), error.
+temperature and prior correction fitted at evaluation, if any), error.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ class LesionClassifier(PythonModel):
         import keras
 
         self.model = keras.saving.load_model(context.artifacts["keras_model"], safe_mode=True)
-        # Test-time augmentation and the prior correction as the model was evaluated with
-        # them (set at registration; versions registered before the correction have none).
+        # Test-time augmentation, temperature and prior correction as the model was evaluated
+        # with them (set at registration; versions registered before either have none).
         config = context.model_config or {}
         self.tta = bool(config.get("tta", False))
+        self.temperature = float(config.get("temperature", 1.0))
         self.offsets = config.get("offsets")
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -55,7 +56,7 @@ class LesionClassifier(PythonModel):
         else:
             raise ValueError("input needs a column 'image' (bytes or base64) or 'path'")
         rows = []
-        for r in predict_images(self.model, items, self.tta, offsets=self.offsets):
+        for r in predict_images(self.model, items, self.tta, temperature=self.temperature, offsets=self.offsets):
             row = {"predicted": r.predicted or "", "name": r.name or "", "error": r.error or ""}
             row.update({f"p_{c}": r.probabilities.get(c, float("nan")) for c in CLASSES})
             rows.append(row)

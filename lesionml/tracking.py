@@ -289,12 +289,13 @@ def log_keras_model(run_id: str, model: "keras.Model", example: "np.ndarray") ->
 
 @_store_call
 def log_classifier(
-    run_id: str, keras_file: Path, example_image: bytes, tta: bool, offsets: list[float] | None = None
+    run_id: str, keras_file: Path, example_image: bytes, tta: bool, temperature: float = 1.0,
+    offsets: list[float] | None = None,
 ) -> str:
     """Log the servable pyfunc (image bytes in, classes out) beside the Keras model; returns its URI.
 
-    `tta` and the prior-correction `offsets` travel in the model's config, so the served
-    model predicts exactly as it was evaluated.
+    `tta`, the fitted `temperature` and the prior-correction `offsets` travel in the model's
+    config, so the served model predicts exactly as it was evaluated.
     """
     import base64
 
@@ -315,7 +316,7 @@ def log_classifier(
             name="classifier",
             python_model=serving_model.__file__,  # model from code: nothing pickled
             artifacts={"keras_model": str(keras_file)},
-            model_config={"tta": tta, "offsets": offsets},
+            model_config={"tta": tta, "temperature": temperature, "offsets": offsets},
             # Either column: `image` (bytes, or base64 text in JSON) or `path` (files the server can read).
             signature=ModelSignature(
                 inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]),

@@ -113,11 +113,12 @@ def test_registry_has_versions_with_tags_card_and_aliases(full_run):
     v = client.get_model_version(name, aliases["champion"])
     assert {"architecture", "git commit", "params hash", "data fingerprint", "test_balanced_accuracy"} <= set(v.tags)
     assert "Not a medical device" in v.description and "melanoma sensitivity" in v.description
+    assert "temperature-scaled" in v.description
 
 
 def test_served_champion_decides_exactly_as_it_was_evaluated(full_run):
-    """Same test images through the registered pyfunc (TTA + prior correction from its config)
-    and through evaluation: the same classes and probabilities."""
+    """Same test images through the registered pyfunc (TTA, temperature and prior correction
+    from its config) and through evaluation: the same classes and probabilities."""
     import pandas as pd
     from mlflow import MlflowClient
 
@@ -133,6 +134,9 @@ def test_served_champion_decides_exactly_as_it_was_evaluated(full_run):
     decision = metrics["decision"]
     assert decision["prior_correction"] is True and decision["tau"] in PRIOR_TAUS and len(decision["offsets"]) == 7
     assert set(decision["argmax"]) == {"val", "test"}
+    # Temperature scaling is on by default: fitted on val, it travels with the served model.
+    assert 0.05 < decision["temperature"] < 20 and decision["temperature"] != 1.0
+    assert set(decision["raw_ece"]) == {"val", "test"}
 
     table = pd.read_csv(first["artifacts"][f"evaluate.{architecture}.predictions"]["path"])
     test = table[table.split == "test"].head(12)

@@ -12,11 +12,12 @@ from lesionml.data.metadata import CLASSES
 from lesionml.evaluation import (
     classification_metrics,
     expected_calibration_error,
+    fit_temperature,
     lesion_bootstrap,
     predictions_table,
     tune_prior_correction,
 )
-from lesionml.inference import apply_offsets
+from lesionml.inference import adjust_probabilities
 
 
 def _proba(y, hit_rate, seed=0):
@@ -159,8 +160,8 @@ def test_prior_correction_tuned_on_val_raises_balanced_accuracy_on_unseen_test()
     tau, offsets = tune_prior_correction(y_val, p_val, prior)
     assert 0.5 <= tau <= 1.5  # the model carries the whole prior: about all of it should come out
     np.testing.assert_allclose(offsets, -tau * np.log(prior))
-    assert _balanced(y_test, apply_offsets(p_test, offsets)) > _balanced(y_test, p_test) + 0.05
-    assert classification_metrics(y_test, apply_offsets(p_test, offsets))["accuracy"] < \
+    assert _balanced(y_test, adjust_probabilities(p_test, offsets=offsets)) > _balanced(y_test, p_test) + 0.05
+    assert classification_metrics(y_test, adjust_probabilities(p_test, offsets=offsets))["accuracy"] < \
         classification_metrics(y_test, p_test)["accuracy"]  # the price, recorded beside the gain
 
 
@@ -168,12 +169,43 @@ def test_prior_correction_is_plain_argmax_when_the_prior_is_uniform():
     y, p = _prior_learning_model(500, np.full(7, 1 / 7), seed=3)
     tau, offsets = tune_prior_correction(y, p, np.full(7, 1 / 7))
     assert tau == 0.0  # every tau gives the same decisions; ties go to the smallest
-    np.testing.assert_array_equal(apply_offsets(p, offsets).argmax(axis=1), p.argmax(axis=1))
+    np.testing.assert_array_equal(adjust_probabilities(p, offsets=offsets).argmax(axis=1), p.argmax(axis=1))
 
 
-def test_apply_offsets_renormalizes_and_none_is_identity():
+def test_adjust_probabilities_renormalizes_and_defaults_are_identity():
     p = _proba(np.arange(7).repeat(3), 0.8)
-    assert apply_offsets(p, None) is p
-    shifted = apply_offsets(p, np.log([1, 1, 1, 1, 1, 1e-6, 1]))
+    assert adjust_probabilities(p) is p
+    shifted = adjust_probabilities(p, offsets=np.log([1, 1, 1, 1, 1, 1e-6, 1]))
     np.testing.assert_allclose(shifted.sum(axis=1), 1.0)
     assert (shifted.argmax(axis=1) != CLASSES.index("nv")).all()
+    # The same as multiplying by exp(offsets) and renormalizing, which is what a prior correction means.
+    offsets = np.log([2.0, 1, 1, 0.5, 1, 1, 3])
+    expected = p * np.exp(offsets)
+    np.testing.assert_allclose(adjust_probabilities(p, offsets=offsets), expected / expected.sum(1, keepdims=True))
+
+
+def _calibrated(n, seed):
+    """Probabilities that are right exactly as often as they say: labels drawn from them."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 2.0, (n, 7))
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = (proba.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+    return y, proba
+
+
+@pytest.mark.parametrize("miscalibration", [0.5, 1.0, 2.5])
+def test_fitted_temperature_undoes_a_known_miscalibration_without_changing_decisions(miscalibration):
+    """A model whose log-probabilities are the calibrated ones times 1/m (m < 1: too sharp,
+    m > 1: too soft, as label smoothing leaves a model) gets T close to m back, which
+    restores calibration on unseen data and keeps every argmax."""
+    y_val, p_val = _calibrated(4000, seed=1)
+    y_test, p_test = _calibrated(4000, seed=2)
+    model_val = adjust_probabilities(p_val, miscalibration)
+    model_test = adjust_probabilities(p_test, miscalibration)
+    t = fit_temperature(y_val, model_val)
+    assert t == pytest.approx(1 / miscalibration, rel=0.1)
+    fixed = adjust_probabilities(model_test, t)
+    np.testing.assert_array_equal(fixed.argmax(axis=1), model_test.argmax(axis=1))
+    assert expected_calibration_error(y_test, fixed) < 0.03
+    if miscalibration != 1.0:
+        assert expected_calibration_error(y_test, model_test) > 0.06
