@@ -17,7 +17,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from lesionml.data.metadata import CLASSES
-from lesionml.inference import adjust_probabilities
+from lesionml.inference import adjust_probabilities, log_probabilities
 
 MELANOMA = CLASSES.index("mel")
 
@@ -66,18 +66,24 @@ def fit_temperature(y_val: np.ndarray, proba_val: np.ndarray) -> float:
     Label smoothing trains a model to answer 0.91 where it is sure, and class weights
     inflate the rare classes, so raw probabilities say less about how often the model is
     right than a user reading them as risks would assume. One scalar fitted on validation
-    (Guo et al., ICML 2017) repairs most of that and cannot change a decision: the same T
-    divides every log-probability, so each row keeps its order and every argmax metric is
-    unchanged. One-vs-rest AUC can move a little: it ranks one class's probability across
+    (Guo et al., ICML 2017) repairs most of that and cannot change an argmax: the same T
+    divides every log-probability, so each row keeps its order and, without a prior
+    correction, every decision and decision metric is unchanged. One-vs-rest AUC can move a little: it ranks one class's probability across
     images, and tempering reorders rows whose other classes differ.
     T < 1 sharpens (an underconfident model), T > 1 softens.
     """
     from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
 
-    def loss(log_t: float) -> float:
-        return log_loss(y_val, adjust_probabilities(proba_val, float(np.exp(log_t))))
+    logp = log_probabilities(proba_val)
+    true = logp[np.arange(len(y_val)), y_val]
 
-    # Bounded on log T: 0.05-20 spans every plausible miscalibration; the loss is convex in 1/T.
+    def loss(log_t: float) -> float:  # the exact log loss of softmax(logp / T): convex in 1/T
+        inv_t = float(np.exp(-log_t))
+        return float(np.mean(logsumexp(logp * inv_t, axis=1) - true * inv_t))
+
+    # Bounded on log T: 0.05-20 spans every plausible miscalibration. A validation set the
+    # model separates perfectly has no finite optimum; it ends near the sharp end.
     best = minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(best.x))
 
@@ -98,11 +104,10 @@ def tune_prior_correction(
     can only gain. Returns tau and the log-offsets (-tau * log prior) to add at serving.
     """
     log_prior = np.log(np.clip(np.asarray(train_prior, dtype=np.float64), 1e-12, None))
-    logp = np.log(np.clip(proba_val, 1e-12, None))
     present = np.unique(y_val)
     best_score, best_tau = -1.0, 0.0
     for tau in PRIOR_TAUS:
-        pred = (logp - tau * log_prior).argmax(axis=1)
+        pred = adjust_probabilities(proba_val, offsets=-tau * log_prior).argmax(axis=1)  # as served
         score = float(np.mean([(pred[y_val == c] == c).mean() for c in present]))
         if score > best_score + 1e-12:
             best_score, best_tau = score, float(tau)

@@ -74,6 +74,11 @@ def predict_proba(model: "keras.Model", images: np.ndarray, tta: bool = False, b
     return proba / proba.sum(axis=1, keepdims=True)  # also: a float32 softmax sums to 1 only within 1e-7
 
 
+def log_probabilities(proba: np.ndarray) -> np.ndarray:
+    """log p with exact zeros floored at 1e-300: one floor for fitting, evaluating and serving."""
+    return np.log(np.clip(proba, 1e-300, None))
+
+
 def adjust_probabilities(
     proba: np.ndarray, temperature: float = 1.0, offsets: Sequence[float] | None = None
 ) -> np.ndarray:
@@ -81,11 +86,12 @@ def adjust_probabilities(
 
     Evaluation and serving both decide through here, so the served model answers exactly
     as the evaluated one did. Dividing every log-probability by one temperature keeps each
-    row's order, so only the offsets can change a decision.
+    row's order, so without offsets no decision changes; with them, the temperature sets
+    how strongly the offsets act, which is why the prior correction is tuned after it.
     """
     if temperature == 1.0 and offsets is None:
         return proba
-    logits = np.log(np.clip(proba, 1e-300, None)) / temperature
+    logits = log_probabilities(proba) / temperature
     if offsets is not None:
         logits = logits + np.asarray(offsets, dtype=np.float64)
     adjusted = np.exp(logits - logits.max(axis=1, keepdims=True))

@@ -29,7 +29,8 @@ def render(name: str, version: str, summary: dict, metrics: dict, release: dict,
         rule = "Decisions are the most probable class (no prior correction)."
     if decision.get("temperature", 1.0) != 1.0:
         rule += (f" Probabilities are temperature-scaled (T = {decision['temperature']:.3f}, fitted on validation "
-                 f"log loss), which changes no decision: test expected calibration error "
+                 f"log loss{', before the prior correction was tuned' if decision.get('prior_correction') else ''}; "
+                 f"the scaling alone changes no decision): test expected calibration error "
                  f"{decision['raw_ece']['test']:.3f} before, {test['ece']:.3f} after.")
     return f"""# Model card: {name} version {version} ({summary['model']})
 

@@ -175,6 +175,9 @@ def evaluate(
             f"Most confident mistakes: {label}", out / f"{which}_mistakes.png",
         )
         figures += [f"{which}_{kind}.png" for kind in ("confusion", "roc", "reliability", "mistakes")]
+    if cfg.temperature_scaling:
+        print(f"temperature scaling: T {decision['temperature']:.3f} (fitted on val log loss; val ECE "
+              f"{decision['raw_ece']['val']:.3f} -> {metrics['val']['ece']:.3f})", flush=True)
     write_json(out / "metrics.json", {**metrics, "decision": decision})
     write_csv(out / "predictions.csv", pd.concat(tables, ignore_index=True))
     run_id = json.loads(Path(summary.path).read_text()).get("run_id")
@@ -208,10 +211,6 @@ def _decision_rule(
     """
     temperature = round(fit_temperature(labels["val"], raw["val"]), 6) if cfg.temperature_scaling else 1.0
     raw_ece = {which: expected_calibration_error(labels[which], p) for which, p in raw.items()}
-    if cfg.temperature_scaling:
-        tempered_ece = expected_calibration_error(labels["val"], adjust_probabilities(raw["val"], temperature))
-        print(f"temperature scaling: T {temperature:.3f} (fitted on val log loss; val ECE {raw_ece['val']:.3f} -> "
-              f"{tempered_ece:.3f})", flush=True)
     rule = {"temperature": temperature, "raw_ece": raw_ece}
     if not cfg.prior_correction:
         return {**rule, "prior_correction": False, "tau": 0.0, "offsets": None}

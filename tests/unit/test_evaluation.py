@@ -182,6 +182,17 @@ def test_adjust_probabilities_renormalizes_and_defaults_are_identity():
     offsets = np.log([2.0, 1, 1, 0.5, 1, 1, 3])
     expected = p * np.exp(offsets)
     np.testing.assert_allclose(adjust_probabilities(p, offsets=offsets), expected / expected.sum(1, keepdims=True))
+    # T divides the log-probabilities (T = 0.5 squares them), and the offsets come after it.
+    squared = p**2 / (p**2).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(adjust_probabilities(p, 0.5), squared)
+    both = squared * np.exp(offsets)
+    np.testing.assert_allclose(adjust_probabilities(p, 0.5, offsets), both / both.sum(1, keepdims=True))
+
+
+def test_a_perfectly_separated_validation_set_gets_a_very_sharp_finite_temperature():
+    y = np.arange(7).repeat(5)
+    p = _proba(y, 1.0)  # always right, at 0.7 confidence: sharper is always better
+    assert 0.05 <= fit_temperature(y, p) < 0.1
 
 
 def _calibrated(n, seed):
@@ -195,9 +206,9 @@ def _calibrated(n, seed):
 
 @pytest.mark.parametrize("miscalibration", [0.5, 1.0, 2.5])
 def test_fitted_temperature_undoes_a_known_miscalibration_without_changing_decisions(miscalibration):
-    """A model whose log-probabilities are the calibrated ones times 1/m (m < 1: too sharp,
-    m > 1: too soft, as label smoothing leaves a model) gets T close to m back, which
-    restores calibration on unseen data and keeps every argmax."""
+    """A model whose log-probabilities are the calibrated ones divided by m (m < 1: too sharp,
+    m > 1: too soft, as label smoothing leaves a model) gets T close to 1/m, which restores
+    calibration on unseen data and keeps every argmax."""
     y_val, p_val = _calibrated(4000, seed=1)
     y_test, p_test = _calibrated(4000, seed=2)
     model_val = adjust_probabilities(p_val, miscalibration)
