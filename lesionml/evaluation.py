@@ -68,9 +68,9 @@ def fit_temperature(y_val: np.ndarray, proba_val: np.ndarray) -> float:
     right than a user reading them as risks would assume. One scalar fitted on validation
     (Guo et al., ICML 2017) repairs most of that and cannot change an argmax: the same T
     divides every log-probability, so each row keeps its order and, without a prior
-    correction, every decision and decision metric is unchanged. One-vs-rest AUC can move a little: it ranks one class's probability across
-    images, and tempering reorders rows whose other classes differ.
-    T < 1 sharpens (an underconfident model), T > 1 softens.
+    correction, every decision and decision metric is unchanged. One-vs-rest AUC can move
+    a little: it ranks one class's probability across images, and tempering reorders rows
+    whose other classes differ. T < 1 sharpens (an underconfident model), T > 1 softens.
     """
     from scipy.optimize import minimize_scalar
     from scipy.special import logsumexp

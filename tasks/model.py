@@ -59,7 +59,7 @@ def train(
     name="evaluate",
     cache_key_fn=stage_cache_key(
         model_stages.evaluate, model_stages._decision_rule, model_stages._labels, stages.load_split_images,
-        evaluation, plots, inference.predict_proba, inference.adjust_probabilities,
+        evaluation, plots, inference.predict_proba, inference.adjust_probabilities, inference.log_probabilities,
     ),
     retries=1,
     retry_condition_fn=retry_transient,
