@@ -27,7 +27,7 @@ The params file is the project's params.yaml with only data.workspace, tracking.
 tracking.artifacts pointed into the temp folder (and data.source made absolute: the
 same folder, since relative paths resolve against the params file's own folder).
 --set is passed through to both sides unchanged (e.g. --set train.epochs=1 for a quick
-check); the defaults (10 epochs, both models) are the real measurement.
+check); the defaults (params.yaml's epochs, both models) are the real measurement.
 
     python bench/overhead.py [--set train.epochs=1 ...] [--repeats 1] [--keep] [--json bench/results/overhead.json]
 """

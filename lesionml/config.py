@@ -176,9 +176,13 @@ class TrainConfig(_Section):
     lr_patience: int = Field(2, ge=1)  # plateau schedule only
     lr_factor: float = Field(0.5, gt=0, lt=1)
     min_lr: float = Field(1e-5, ge=0)
+    # Validate, pick the best epoch and save with an exponential moving average of the
+    # weights (and batch-norm statistics), updated after every step with this decay; 0: the
+    # live weights. 0.999 remembers about 1,000 steps (5 epochs of the full data at batch 32).
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     deterministic: bool = False
     # mixed_bfloat16: layers compute in bfloat16, weights stay float32. Layers ran 1.2-1.5x
-    # faster on this machine's AMX/AVX512-BF16 cores, but whole epochs (augmentation shares
+    # faster on the Intel machine's AMX/AVX512-BF16 cores, but whole epochs (augmentation shares
     # the cores) only 1.06x, for no better scores (README, "Results"); on a CPU without
     # bfloat16 units it is emulated, so slower.
     precision: Literal["float32", "mixed_bfloat16"] = "float32"

@@ -10,8 +10,14 @@ def _ci(m: dict, key: str) -> str:
     return f"{m[key]:.3f} (95% CI {lo:.3f}-{hi:.3f})"
 
 
-def render(name: str, version: str, summary: dict, metrics: dict, release: dict, split_table: str, facts: dict) -> str:
+def render(
+    name: str, version: str, summary: dict, metrics: dict, release: dict, split_table: str, facts: dict,
+    ema_decay: float = 0.0,
+) -> str:
+    """`ema_decay`: the train setting the model was trained with (0: its live weights were saved)."""
     test, val = metrics["test"], metrics["val"]
+    weights = (f"the running average of its weights (decay {ema_decay:g} per step) at epoch {summary['best_epoch']}"
+               if ema_decay else f"weights of epoch {summary['best_epoch']}")
     recall_rows = "\n".join(
         f"| {c} | {CLASS_NAMES[c]} | {test['per_class'][c]['recall']:.3f} | {test['per_class'][c]['precision']:.3f} "
         f"| {test['per_class'][c].get('roc_auc', float('nan')):.3f} | {int(test['per_class'][c]['support'])} |"
@@ -48,7 +54,7 @@ HAM10000 release with {release['images']} images of {release['lesions']} lesions
 {split_table}
 ```
 
-Trained {summary['epochs_run']} epochs; weights of epoch {summary['best_epoch']} (best on validation).
+Trained {summary['epochs_run']} epochs; {weights} (best on validation).
 
 ## Performance (held-out test split; 95% intervals resample lesions)
 {rule}

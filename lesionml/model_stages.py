@@ -268,7 +268,8 @@ def register(
         tags = {**facts, **{f"test_{k}": f"{metrics['test'][k]:.4f}" for k in
                             ("accuracy", "balanced_accuracy", "macro_f1", "mel_sensitivity")}}
         version = tracking.register(uri, reg.model_name, tags)
-        card = model_card.render(reg.model_name, version, summary, metrics, rel, table, facts)
+        card = model_card.render(reg.model_name, version, summary, metrics, rel, table, facts,
+                                 params.train_for(name).ema_decay)
         write_text(out / f"model_card_{name}.md", card)
         tracking.log_artifact(summary["run_id"], out / f"model_card_{name}.md", "model_card")
         tracking.describe_version(reg.model_name, version, card)

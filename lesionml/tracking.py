@@ -298,6 +298,7 @@ def log_classifier(
     config, so the served model predicts exactly as it was evaluated.
     """
     import base64
+    from importlib.metadata import version
 
     import keras
     import mlflow
@@ -323,7 +324,11 @@ def log_classifier(
                 outputs=infer_signature(example, output).outputs,
             ),
             input_example=example,
-            pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas"],
+            # The decoder's libraries, pinned: their scaling and resize are what the model was trained on.
+            pip_requirements=[
+                f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas",
+                *(f"{dist}=={version(dist)}" for dist in ("simplejpeg", "opencv-python-headless")),
+            ],
         )
     return info.model_uri
 

@@ -1,8 +1,10 @@
 """Decode and resize images into one uint8 array, fast and safely.
 
-Speed: JPEG files are decoded in reduced-size mode (`Image.draft`, DCT scaling), which
-skips most of the decoding work when the target is much smaller than the source, and
-chunks of images are decoded in parallel threads (Pillow releases the GIL).
+Speed: JPEG files are decoded by libjpeg-turbo (simplejpeg) at the smallest of its M/8 DCT
+scales that still covers the target, so the decoder skips the detail the resize would
+throw away and the resize starts from fewer pixels. The copy's 200x150 JPEGs decode at
+6/8 (150x113) for 96x128, where Pillow's scales (1/2, 1/4, 1/8) would leave only a full
+decode. Chunks of images are decoded in parallel threads (both libraries release the GIL).
 Safety: the pixel count is checked from the header before any pixel is decoded
 (decompression bombs), EXIF orientation is honoured, every mode Pillow reads is
 converted to RGB, and a truncated or undecodable file is an error naming the file.
@@ -17,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import cv2
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
 
 from lesionml.data.source import ImageReader
 from lesionml.errors import DataError
@@ -26,10 +30,22 @@ from lesionml.io import atomic_path
 # Our own limit is checked explicitly (with a clear message); Pillow's global guard is
 # disabled so that it does not raise its own warning/exception first.
 Image.MAX_IMAGE_PIXELS = None
+# load_images' threads already use every core; OpenCV's own pool would only oversubscribe them.
+cv2.setNumThreads(1)
 
 Location = tuple[str, str]  # (file, zip member or "")
 _CHUNK = 64
 _ORIENTATION = 0x0112  # EXIF tag
+# What each EXIF orientation asks for to show the picture upright (Pillow's exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _describe(loc: Location) -> str:
@@ -49,6 +65,31 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB") if im.mode != "RGB" else im
 
 
+def _turbo_decode(data: bytes, stored_size: tuple[int, int]) -> np.ndarray | None:
+    """A YCbCr or grayscale JPEG decoded at the smallest DCT scale covering `stored_size`
+    (width, height), never enlarged; None where libjpeg-turbo objects, so that Pillow
+    decides: it refuses a truncated file with its own message, as before, and accepts
+    the recoverable oddities (stray bytes between markers) that strict mode refuses."""
+    try:
+        return simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_width=stored_size[0], min_height=stored_size[1], strict=True
+        )
+    except ValueError:
+        return None
+
+
+def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) uint8 -> (height, width, 3): bilinear while the picture shrinks by at most 2x,
+    where its 2x2 taps still reach every source pixel; area averaging beyond that, where
+    bilinear would skip pixels and alias. OpenCV's SIMD resize is 5x Pillow's here."""
+    height, width = size
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    shrink = max(pixels.shape[0] / height, pixels.shape[1] / width)
+    method = cv2.INTER_LINEAR if shrink <= 2 else cv2.INTER_AREA
+    return cv2.resize(np.ascontiguousarray(pixels), (width, height), interpolation=method)
+
+
 def decode_image(data: bytes, size: tuple[int, int], max_pixels: int, name: str) -> np.ndarray:
     """Bytes of one image -> uint8 array of shape (height, width, 3)."""
     height, width = size
@@ -61,17 +102,18 @@ def decode_image(data: bytes, size: tuple[int, int], max_pixels: int, name: str)
                     f"{name}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
                     f"(data.max_image_pixels); refusing a possible decompression bomb"
                 )
-            if im.format == "JPEG":
-                # DCT scaling: decode at the smallest 1/2, 1/4, 1/8 scale still >= the target.
-                # EXIF orientations 5-8 transpose the picture, so the target's sides swap.
-                swapped = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
-                im.draft("RGB", (height, width) if swapped else (width, height))
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            im = to_rgb(im)
-            if im.size != (width, height):
-                im = im.resize((width, height), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            orientation = im.getexif().get(_ORIENTATION, 1)
+            # Orientations 5-8 transpose the picture, so the stored picture's target swaps sides.
+            stored_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            pixels = _turbo_decode(data, stored_size) if im.format == "JPEG" and im.mode in ("RGB", "L") else None
+            if pixels is None:
+                if im.format == "JPEG":  # CMYK, or what libjpeg-turbo refused: Pillow's own DCT scaling
+                    im.draft("RGB", stored_size)
+                im.load()
+                pixels = np.asarray(to_rgb(im))
+        if orientation in _UPRIGHT:
+            pixels = np.asarray(Image.fromarray(pixels).transpose(_UPRIGHT[orientation]))
+        return resize(pixels, size)
     except DataError:
         raise
     except UnidentifiedImageError:
@@ -106,9 +148,9 @@ def load_images(
         out[start : start + len(chunk)] = _decode_chunk(chunk, size, max_pixels)
         return len(chunk)
 
-    # Threads, not processes: Pillow releases the GIL while it decodes and resizes, so
-    # threads use every core with no process start-up, no pickling of pixels and no
-    # `if __name__ == "__main__"` requirement on the caller.
+    # Threads, not processes: libjpeg-turbo and Pillow release the GIL while they decode
+    # and resize, so threads use every core with no process start-up, no pickling of
+    # pixels and no `if __name__ == "__main__"` requirement on the caller.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(work, start, chunk) for start, chunk in chunks]
         try:

@@ -436,11 +436,17 @@ def test_the_run_after_the_kills_ends_as_an_uninterrupted_run(killed_twice, refe
 # kill -9 during preprocessing
 
 
+# One thread, and a target that needs libjpeg-turbo's 4/8 scale (~4,400 images/s on one
+# core): at the tiny runs' 32x40 the 2/8 scale decodes the release in about 1 s, too soon
+# for the kill to land inside it.
+PREPROCESS_KILL_DATA = {"workers": 1, "image_size": [75, 100]}
+
+
 @pytest.fixture(scope="module")
 def big_release(base) -> Path:
     """The sample 24 times over (10,656 images under new ids and lesion ids): preprocessing
-    takes seconds even on an idle machine (its 200x150 JPEGs decode at ~4,400/s on one
-    thread), long enough to be interrupted."""
+    at PREPROCESS_KILL_DATA takes seconds even on an idle machine, long enough to be
+    interrupted."""
     dest = base / "big-release"
     dest.mkdir()
     meta = sample_metadata()
@@ -457,11 +463,11 @@ def big_release(base) -> Path:
 def test_kill_during_preprocessing_then_the_next_run_equals_an_uninterrupted_one(base, default_env, server_env, big_release):
     from flows.pipeline import pipeline
 
-    params = _project(base / "preprocess-killed", big_release, data={"workers": 1})
+    params = _project(base / "preprocess-killed", big_release, data=PREPROCESS_KILL_DATA)
     ws = params.parent / "ws"
     run = Run(params, "--only", "data", env=default_env, name="p1")
     run.wait_for(r"^preprocess:\s+0%")  # tqdm's first line: decoding starts now
-    time.sleep(0.3)  # into the decoding, which takes ~2.4 s on an idle machine
+    time.sleep(0.3)  # into the decoding, which takes ~2.4 s on an idle Zen 5 core
     run.kill()
     assert not (ws / "preprocess" / "images.npz").exists(), f"the kill landed after preprocessing:\n{run.tail()}"
     assert _incomplete_files(ws) == []
@@ -471,7 +477,7 @@ def test_kill_during_preprocessing_then_the_next_run_equals_an_uninterrupted_one
     assert "stages       ingest (cached), preprocess (ran)" in again.output
     assert _incomplete_files(ws) == []
 
-    clean = _project(base / "preprocess-clean", big_release, data={"workers": 1})
+    clean = _project(base / "preprocess-clean", big_release, data=PREPROCESS_KILL_DATA)
     expected = pipeline(params_file=str(clean), until="augment")["artifacts"]
     for rel in DATA_STAGE_FILES:
         key = next(k for k, a in expected.items() if a["path"].endswith(rel))

@@ -48,8 +48,10 @@ def test_one_section_given_the_others_default(tmp_path):
 def test_the_projects_own_params_file_is_valid(sample_dir):
     params = load_params(ROOT / "params.yaml")
     assert params.data.source == sample_dir.resolve()
-    assert params.data.image_size == (96, 128)
-    own_epochs = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]["cnn_lstm"]["train"]["epochs"]
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params.data.image_size == tuple(raw["data"]["image_size"])
+    assert params.train.ema_decay == raw["train"]["ema_decay"]
+    own_epochs = raw["models"]["cnn_lstm"]["train"]["epochs"]
     assert params.train_for("cnn_lstm").epochs == own_epochs != params.train.epochs
     assert params.train_for("cnn").epochs == params.train.epochs
     assert set(params.models.enabled) <= {"cnn", "cnn_lstm"}

@@ -48,6 +48,30 @@ def test_real_jpeg_becomes_the_configured_array_showing_the_same_picture():
     assert np.abs(other.astype(np.int16) - plain).mean() > 6, "a different photo differs"
 
 
+def test_at_a_scale_only_libjpeg_turbo_has_the_picture_is_the_same():
+    # 96x128 from 200x150: decoded at 6/8 (150x113) in the DCT, which Pillow's 1/2, 1/4 and
+    # 1/8 scales cannot do; the result must still be the full decode's picture.
+    arr = _decode(REAL[0].read_bytes(), size=(96, 128))
+    with Image.open(REAL[0]) as im:
+        plain = np.asarray(im.convert("RGB").resize((128, 96), Image.Resampling.BILINEAR), dtype=np.int16)
+    assert np.abs(arr.astype(np.int16) - plain).mean() < 3
+
+
+def test_a_jpeg_that_strict_libjpeg_turbo_refuses_is_decoded_by_pillow():
+    # Stray bytes before a marker: libjpeg calls it corrupt but recoverable, Pillow reads it.
+    data = REAL[0].read_bytes()
+    at = data.find(b"\xff\xdb")
+    stray = data[:at] + b"\x12\x34" + data[at:]
+    arr = _decode(stray, size=(96, 128))
+    assert np.abs(arr.astype(np.int16) - _decode(data, size=(96, 128))).mean() < 3
+
+
+def test_grayscale_jpeg_becomes_three_equal_channels():
+    arr = _decode(_encode(Image.new("L", (200, 150), 200), "JPEG", quality=95), size=(96, 128))
+    assert (np.abs(arr.astype(int) - 200) <= 2).all()
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+
+
 def test_other_configured_sizes():
     assert _decode(REAL[0].read_bytes(), size=(32, 48)).shape == (32, 48, 3)
     assert _decode(REAL[0].read_bytes(), size=(300, 400)).shape == (300, 400, 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from lesionml.config import MODEL_NAMES, CNNConfig, CNNLSTMConfig, TrainConfig
 from lesionml.data.normalize import NormStats
 from lesionml.models import _builders, build_model
-from lesionml.training import Checkpoint, class_weights, fit, learning_rate
+from lesionml.training import Checkpoint, WeightAverage, class_weights, fit, learning_rate
 
 STATS = NormStats((120.0, 100.0, 90.0), (40.0, 35.0, 30.0), 10)
 TINY_CNN = CNNConfig(filters=(4, 8), convs_per_block=1, dense_units=8)
@@ -155,6 +156,48 @@ def test_interrupted_training_resumes_from_last_epoch(tmp_path):
     assert result.best_epoch == int(history.val_loss.idxmin()) + 1
 
 
+def test_weight_average_starts_short_then_keeps_its_decay_and_swaps_in_and_out():
+    model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
+    average = WeightAverage(model, 0.9, [], steps=0)
+    floats = [v for v in model.variables if "float" in str(v.dtype)]
+    assert average.variables == floats and len(floats) < len(model.variables), "seed states are not averaged"
+    start = [np.array(v) for v in floats]
+    for v in floats:
+        v.assign(np.ones(v.shape, np.float32))
+    average.update()  # step 0: decay (1 + 0) / (10 + 0) = 0.1, not 0.9
+    for a, s in zip(average.averages, start):
+        np.testing.assert_allclose(a, 0.1 * s + 0.9, rtol=1e-6)
+    average.steps = 1000
+    before = [a.copy() for a in average.averages]
+    average.update()  # long past the warm-up: the configured decay
+    for a, b in zip(average.averages, before):
+        np.testing.assert_allclose(a, 0.9 * b + 0.1, rtol=1e-6)
+    with average.applied():
+        for v, a in zip(floats, average.averages):
+            np.testing.assert_array_equal(np.asarray(v), a)
+    for v in floats:
+        np.testing.assert_array_equal(np.asarray(v), 1.0)
+
+
+def test_with_weight_averaging_the_saved_model_holds_the_average_not_the_live_weights(tmp_path):
+    import keras
+
+    x, y = _data()
+    cfg = TrainConfig(epochs=1, batch_size=8, ema_decay=0.9)  # one epoch: it is the best epoch
+    model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
+    fit(model, (x, y), (x[:16], y[:16]), cfg, tmp_path / "work", tmp_path / "model.keras", n_classes=7)
+    with np.load(tmp_path / "work" / "checkpoint.npz") as npz:
+        live = [npz[f"m{i}"] for i in range(len(model.variables))]
+        averages = [npz[k] for k in sorted((k for k in npz.files if k[0] == "a"), key=lambda k: int(k[1:]))]
+        assert json.loads(str(npz["state"]))["averaged_steps"] == 6, "48 images / batch 8: 6 steps averaged"
+    saved = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    floats = [k for k, v in enumerate(saved.variables) if "float" in str(v.dtype)]
+    assert len(averages) == len(floats)
+    for k, average in zip(floats, averages):
+        np.testing.assert_array_equal(np.asarray(saved.variables[k]), average)
+    assert any(not np.array_equal(live[k], a) for k, a in zip(floats, averages)), "the average is not the live weights"
+
+
 def test_a_checkpoint_of_another_architecture_is_not_loaded(tmp_path, capsys):
     x, y = _data()
     cfg = TrainConfig(epochs=1, batch_size=16)
@@ -191,10 +234,11 @@ from lesionml.config import AugmentConfig, CNNConfig, TrainConfig
 from lesionml.data.normalize import NormStats
 from lesionml.models import build_model
 from lesionml.training import fit, seed_everything
-work, interrupt, out = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
+work, interrupt, out, ema = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3], float(sys.argv[4])
 rng = np.random.default_rng(0)
 x = rng.integers(0, 255, (32, 24, 24, 3)).astype(np.uint8); y = rng.integers(0, 7, 32)
-cfg = TrainConfig(epochs=3, batch_size=8, seed=7, deterministic=True, label_smoothing=0.1, class_weight_power=0.5)
+cfg = TrainConfig(epochs=3, batch_size=8, seed=7, deterministic=True, label_smoothing=0.1, class_weight_power=0.5,
+                  ema_decay=ema)
 def model():
     seed_everything(7, deterministic=True)
     return build_model("cnn", CNNConfig(filters=(4,), convs_per_block=1, dense_units=4, dropout=0.3), (24, 24),
@@ -213,13 +257,16 @@ np.save(out, np.concatenate([np.asarray(v).ravel() for v in m.weights]))
 """
 
 
-def test_interrupted_then_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
-    """Per-epoch seeds + a checkpoint holding optimizer and dropout-seed state make resume exact."""
+@pytest.mark.parametrize("ema", ["0", "0.9"], ids=["live-weights", "weight-average"])
+def test_interrupted_then_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, ema):
+    """Per-epoch seeds + a checkpoint holding optimizer, dropout-seed and averaging state make resume exact."""
     weights = []
     for k, interrupt in enumerate(("0", "1")):
         out = tmp_path / f"w{k}.npy"
-        done = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / f"work{k}"), interrupt, str(out)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / f"work{k}"), interrupt, str(out), ema],
+            capture_output=True, text=True,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         if interrupt == "1":
             assert "resuming after epoch 2" in done.stdout
