@@ -1,10 +1,13 @@
-"""Against a real Prefect server (PREFECT_API_URL), not the temporary one: a pipeline run,
-and the scheduled-retraining deployment served by `lesionml schedule`."""
+"""Prefect servers: a real one (PREFECT_API_URL) for a pipeline run and the scheduled-retraining
+deployment served by `lesionml schedule`; and the temporary server the CLI launches itself
+when none is configured (flows/local_api.py), which must hold every record and log line of
+the run and be gone when the CLI exits."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import SAMPLE, write_params
+
+from flows.local_api import LocalAPI
+from lesionml.errors import LesionMLError
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -62,6 +68,56 @@ def test_data_flow_runs_against_a_real_server(prefect_server, tmp_path):
     assert [run["state_type"] for run in runs] == ["COMPLETED"]
     tasks = _api(prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
     assert {t["name"].rsplit("-", 1)[0] for t in tasks} == {"ingest", "preprocess", "split", "normalize", "augment"}
+
+
+def test_cli_launches_its_own_temporary_server_and_stops_it_after_the_last_log_line(tmp_path):
+    params = write_params(tmp_path, SAMPLE)
+    home = tmp_path / "prefect-home"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "INFO"}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([str(BIN / "lesionml"), "run", "--only", "data", "--params", str(params)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    out = done.stderr + done.stdout
+    assert done.returncode == 0, out[-2000:]
+    assert "Starting temporary server" not in out  # Prefect did not start a second one of its own
+    assert "Error logging to API" not in out and "Traceback" not in out, out[-2000:]
+    port = int(out.split("temporary server on http://127.0.0.1:", 1)[1].split()[0])
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the temporary server outlived the CLI"
+
+    with sqlite3.connect(home / "prefect.db") as db:
+        runs = db.execute("select id, state_type from flow_run").fetchall()
+        tasks = db.execute("select count(*) from task_run where state_type = 'COMPLETED'").fetchone()[0]
+        logs = [m for (m,) in db.execute("select message from log where flow_run_id = ?", (runs[0][0],))]
+    assert [state for _, state in runs] == ["COMPLETED"]
+    assert tasks == 5  # ingest, preprocess, split, normalize, augment
+    assert any("Finished in state Completed" in m for m in logs), logs  # the flow's last lines reached it
+
+
+def test_an_api_url_from_the_active_profile_wins_over_the_temporary_server(prefect_server, tmp_path):
+    params = write_params(tmp_path, SAMPLE)
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'active = "remote"\n\n[profiles.remote]\nPREFECT_API_URL = "{prefect_server}"\n')
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "client-home"), "PREFECT_PROFILES_PATH": str(profiles)}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([str(BIN / "lesionml"), "run", "--only", "data", "--params", str(params)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "temporary server" not in (done.stderr + done.stdout).lower()
+    runs = [r for r in _api(prefect_server, "/flow_runs/filter") if r["parameters"].get("params_file") == str(params)]
+    assert [run["state_type"] for run in runs] == ["COMPLETED"]
+
+
+def test_a_temporary_server_that_cannot_start_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/dir/prefect.db")
+    api = LocalAPI()
+    try:
+        with pytest.raises(LesionMLError, match=r"temporary server \(port \d+\) exited with code 3 before it was ready"):
+            api.wait(timeout=120)
+    finally:
+        api.stop()
+    assert api.process is None
 
 
 def _wait_for_run(server: str, run_id: str, timeout: float = 600) -> dict:
