@@ -70,16 +70,17 @@ class LocalAPI:
         )
 
     def wait(self, timeout: float) -> str:
-        """Block until the server answers its health check; its API URL."""
+        """Block until the launched (not stopped) server answers its health check; its API URL."""
+        assert self.process is not None, "wait() on a stopped server"
         deadline = time.monotonic() + timeout
         relaunches = 1
         while not self.ready:
-            code = self.process.poll() if self.process else None
+            code = self.process.poll()
             if code == _STARTUP_FAILED and relaunches:  # most likely the port, taken since we chose it
                 relaunches -= 1
                 self._launch()
                 continue
-            if code is not None or self.process is None:
+            if code is not None:
                 raise LesionMLError(
                     f"Prefect's temporary server (port {self.port}) exited with code {code} before it was ready; "
                     "its output is above. Start a server with `prefect server start` and set PREFECT_API_URL to use it"
