@@ -1,7 +1,7 @@
 """Preprocessing throughput: lesionml's decoder against the seed notebook's plain loop.
 
 Both turn every JPEG of a HAM10000 release into one uint8 array of --size (height x width;
-default 75x100, the seed notebook's size; params.yaml's default is 96x128):
+default 75x100, the seed notebook's size and params.yaml's default):
 - plain: `df.path.map(lambda p: np.asarray(Image.open(p).resize((100, 75))))` then
   `np.stack`, one process, one thread, full-size decode (what the seed notebook did);
 - pipeline: `lesionml.data.images.load_images(locations, (75, 100), max_pixels, workers=N)`,

@@ -7,8 +7,10 @@ its settings, TensorFlow its log level, once at import time).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -176,41 +178,62 @@ def params_file(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+ServerStarter = Callable[[list[str], str, dict[str, str], Path], tuple[subprocess.Popen, str]]
+
+
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory) -> Iterator[str]:
-    """A real `prefect server start` on a free loopback port for the session; yields its API URL.
+def start_server() -> Iterator[ServerStarter]:
+    """Start a server command on a free loopback port; return once it answers its health check.
+
+    `start(argv, health_path, env, log)` puts the port where `argv` says `{port}` and returns
+    the process and its base URL. The server runs in its own process group, so one signal
+    stops it and any worker it forks, and writes to `log`, whose end is the failure message
+    if it does not come up. Servers still running at the end of the session are stopped; a
+    test may stop one sooner (a server going away is what some of them test).
+    """
+    started: list[subprocess.Popen] = []
+
+    def start(argv: list[str], health_path: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        with open(log, "ab") as out:  # the child holds its own copy of the descriptor
+            proc = subprocess.Popen([arg.format(port=port) for arg in argv], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(proc)
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url + health_path, timeout=2) as response:
+                    if response.status == 200:
+                        return proc, url
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{Path(argv[0]).name} did not come up on {url}:\n{log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory, start_server) -> str:
+    """A real `prefect server start` on a free loopback port for the session; its API URL.
 
     Shared by the tests that need a real server (deployments, schedules) and by those that
     run many CLI processes (each would otherwise start its own temporary server).
     """
-    port = free_port()
     home = tmp_path_factory.mktemp("prefect-server-home")
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not come up on port {port}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    argv = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", "{port}",
+            "--no-ui"]
+    _, url = start_server(argv, "/api/health", env, home / "server.log")
+    return f"{url}/api"

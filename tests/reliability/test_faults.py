@@ -12,7 +12,7 @@
 Runs that get killed are separate processes in their own session, run as `lesionml run` runs
 out of the box (Prefect's temporary server is their child), and killed with SIGKILL to the
 whole process group: a machine losing power kills the temporary server too. The other CLI
-runs share one Prefect server started for this module, which saves each of them the
+runs share the test session's Prefect server (tests/conftest.py), which saves each of them the
 temporary server's start-up (the README's "watch runs in the Prefect UI" set-up).
 """
 
@@ -28,7 +28,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -85,12 +84,6 @@ def _project(folder: Path, source: Path = SAMPLE, **extra: dict) -> Path:
     for section, values in extra.items():
         sections.setdefault(section, {}).update(values)
     return write_params(folder, source, **sections)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sha(path: Path) -> str:
@@ -248,32 +241,9 @@ def default_env(base) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server_env(base, default_env) -> dict[str, str]:
-    """CLI runs against one Prefect server for the module (PREFECT_API_URL)."""
-    import urllib.request
-
-    port = _free_port()
-    env = {**default_env, "PREFECT_HOME": str(base / "prefect-server-home")}
-    log = open(base / "prefect-server.log", "ab")  # noqa: SIM115 - the child holds it
-    proc = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    log.close()
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not come up on {url}:\n{(base / 'prefect-server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield {**default_env, "PREFECT_API_URL": url}
-    finally:
-        _stop(proc, signal.SIGTERM)
+def server_env(default_env, prefect_server) -> dict[str, str]:
+    """CLI runs against the session's Prefect server (PREFECT_API_URL)."""
+    return {**default_env, "PREFECT_API_URL": prefect_server}
 
 
 def _lock_holder(ws: Path) -> int | None:
@@ -618,29 +588,12 @@ def test_a_store_that_does_not_answer_is_never_read_as_no_champion(monkeypatch):
     assert caught.value.transient and caught.value.exit_code == 1
 
 
-def _start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
-    url = f"http://127.0.0.1:{port}"
+def _start_mlflow_server(store: Path, start_server) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(store / "server.log", "ab")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
-        start_new_session=True, stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    log.close()
-    import urllib.request
-
-    deadline = time.monotonic() + 180
-    while True:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            pytest.fail(f"mlflow server did not come up on {url}:\n{(store / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    argv = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", "{port}", "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")]
+    return start_server(argv, "/health", env, store / "server.log")
 
 
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -649,14 +602,12 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait(timeout=60)
 
 
-def test_tracking_server_going_away_mid_run_fails_clearly_and_moves_no_alias(base, server_env):
+def test_tracking_server_going_away_mid_run_fails_clearly_and_moves_no_alias(base, server_env, start_server):
     from mlflow import MlflowClient
 
     store = base / "mlflow-server"
     store.mkdir()
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = _start_mlflow_server(store, port)
+    server, url = _start_mlflow_server(store, start_server)
     try:
         # An existing champion, as on any server that has seen a run before.
         client = MlflowClient(url)
