@@ -213,14 +213,19 @@ def start_server() -> Iterator[ServerStarter]:
                     if response.status == 200:
                         return proc, url
             if proc.poll() is not None or time.monotonic() > deadline:
+                _stop_group(proc, signal.SIGKILL)  # not left running, half up, for the rest of the session
                 pytest.fail(f"{Path(argv[0]).name} did not come up on {url}:\n{log.read_text()[-2000:]}")
             time.sleep(0.5)
 
     yield start
     for proc in started:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        _stop_group(proc, signal.SIGTERM)
+
+
+def _stop_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")
