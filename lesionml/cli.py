@@ -217,8 +217,8 @@ def _print_model_results(arts: dict) -> None:
                              f"val); test ECE {decision['raw_ece']['test']:.3f} -> {metrics['test']['ece']:.3f}")
             if decision.get("prior_correction"):
                 plain = decision["argmax"]["test"]
-                notes.append(f"  {name}: prior correction tau {decision['tau']:.2f} (tuned on val); plain argmax "
-                             f"on test: accuracy {plain['accuracy']:.3f}, bal.acc {plain['balanced_accuracy']:.3f}")
+                notes.append(f"  {name}: prior correction tau {decision['tau']:.2f} ({decision['objective']}); plain "
+                             f"argmax on test: accuracy {plain['accuracy']:.3f}, bal.acc {plain['balanced_accuracy']:.3f}")
     if rows:
         print("\nmodel     split  accuracy  bal.acc  macro-F1  AUC     mel.sens  training")
         print("\n".join(rows + notes))

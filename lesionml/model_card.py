@@ -27,9 +27,10 @@ def render(
     decision = metrics.get("decision", {})
     if decision.get("prior_correction"):
         plain = decision["argmax"]["test"]
+        toward_nv = " (negative: the prior is multiplied in, toward nv)" if decision["tau"] < 0 else ""
         rule = (f"Decisions divide the training class prior out of the probabilities to the power "
-                f"tau = {decision['tau']:.2f}, chosen for the best validation balanced accuracy (validation "
-                f"figures are therefore optimistic; test is untouched). Plain argmax scored test accuracy "
+                f"tau = {decision['tau']:.2f}{toward_nv}, {decision['objective']} "
+                f"(validation figures are therefore optimistic; test is untouched). Plain argmax scored test accuracy "
                 f"{plain['accuracy']:.3f} and balanced accuracy {plain['balanced_accuracy']:.3f}.")
     else:
         rule = "Decisions are the most probable class (no prior correction)."

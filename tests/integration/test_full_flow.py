@@ -23,7 +23,10 @@ def full_run(tmp_path_factory):
     models["cnn_lstm"].update(filters=[8, 16], lstm_units=8, dense_units=8, train={"epochs": 1})  # its own schedule
     params_file = write_params(
         tmp, SAMPLE, data={"image_size": [32, 40]}, train={"epochs": 2, "batch_size": 32}, models=models,
-        evaluate={"prior_correction": True},  # off by default; on here so serving is tested with its offsets
+        # A 2-epoch model on 32x40 images misses the default balanced-accuracy floor, which means plain
+        # argmax and zero offsets; without the floor tau is tuned for balanced accuracy, so serving is
+        # tested with real offsets (the floor's choice is unit-tested in test_evaluation).
+        evaluate={"min_balanced_accuracy": None},
     )
     params = yaml.safe_load(params_file.read_text())
     first = pipeline(params_file=str(params_file))
@@ -134,6 +137,8 @@ def test_served_champion_decides_exactly_as_it_was_evaluated(full_run):
     decision = metrics["decision"]
     assert decision["prior_correction"] is True and decision["tau"] in PRIOR_TAUS and len(decision["offsets"]) == 7
     assert set(decision["argmax"]) == {"val", "test"}
+    assert decision["min_balanced_accuracy"] is None and decision["floor_met"] is True
+    assert decision["objective"] == "chosen for the best validation balanced accuracy"
     # Temperature scaling is on by default: fitted on val, it travels with the served model.
     assert 0.05 < decision["temperature"] < 20 and abs(np.log(decision["temperature"])) > 0.01
     assert set(decision["raw_ece"]) == {"val", "test"}

@@ -15,6 +15,7 @@ from lesionml.evaluation import (
     fit_temperature,
     lesion_bootstrap,
     predictions_table,
+    PRIOR_TAUS,
     tune_prior_correction,
 )
 from lesionml.inference import adjust_probabilities
@@ -137,14 +138,15 @@ def test_vectorised_bootstrap_equals_scikit_learn_on_each_resample():
             assert np.isnan(auc[r])
 
 
-def _prior_learning_model(n: int, prior: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels drawn from `prior` and the probabilities of a model that folded the prior into
-    its noisy evidence, as a model trained on imbalanced data does."""
+def _prior_learning_model(n: int, prior: np.ndarray, seed: int, learned: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from `prior` and the probabilities of a model that folded `learned` times
+    the log prior into its noisy evidence: 1, as a model trained on imbalanced data does; less,
+    as one trained with class weights does."""
     rng = np.random.default_rng(seed)
     y = rng.choice(7, size=n, p=prior)
     evidence = rng.normal(0.0, 1.0, (n, 7))
     evidence[np.arange(n), y] += 1.5
-    logits = evidence + np.log(prior)
+    logits = evidence + learned * np.log(prior)
     proba = np.exp(logits - logits.max(axis=1, keepdims=True))
     return y, proba / proba.sum(axis=1, keepdims=True)
 
@@ -157,7 +159,8 @@ def test_prior_correction_tuned_on_val_raises_balanced_accuracy_on_unseen_test()
     prior = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
     y_val, p_val = _prior_learning_model(1300, prior, seed=1)
     y_test, p_test = _prior_learning_model(1300, prior, seed=2)
-    tau, offsets = tune_prior_correction(y_val, p_val, prior)
+    tau, offsets, floor_met = tune_prior_correction(y_val, p_val, prior)
+    assert floor_met  # no floor asked for
     assert 0.5 <= tau <= 1.5  # the model carries the whole prior: about all of it should come out
     np.testing.assert_allclose(offsets, -tau * np.log(prior))
     assert _balanced(y_test, adjust_probabilities(p_test, offsets=offsets)) > _balanced(y_test, p_test) + 0.05
@@ -167,9 +170,44 @@ def test_prior_correction_tuned_on_val_raises_balanced_accuracy_on_unseen_test()
 
 def test_prior_correction_is_plain_argmax_when_the_prior_is_uniform():
     y, p = _prior_learning_model(500, np.full(7, 1 / 7), seed=3)
-    tau, offsets = tune_prior_correction(y, p, np.full(7, 1 / 7))
-    assert tau == 0.0  # every tau gives the same decisions; ties go to the smallest
+    tau, offsets, _ = tune_prior_correction(y, p, np.full(7, 1 / 7), min_balanced_accuracy=0.0)
+    assert tau == 0.0  # every tau gives the same decisions; ties go to the smallest |tau|
     np.testing.assert_array_equal(adjust_probabilities(p, offsets=offsets).argmax(axis=1), p.argmax(axis=1))
+
+
+def _accuracy_and_balanced(y, proba):
+    m = classification_metrics(y, proba)
+    return m["accuracy"], m["balanced_accuracy"]
+
+
+def test_prior_correction_with_a_floor_buys_accuracy_and_keeps_balanced_accuracy_above_it():
+    # A model that learned only a fifth of the prior (strong class weights) leans to the rare
+    # classes; a floor below its balanced accuracy leaves room to lean back toward nv.
+    prior = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    y_val, p_val = _prior_learning_model(3000, prior, seed=4, learned=0.2)
+    y_test, p_test = _prior_learning_model(3000, prior, seed=5, learned=0.2)
+    acc_val, bal_val = _accuracy_and_balanced(y_val, p_val)
+    floor = bal_val - 0.05
+    tau, offsets, floor_met = tune_prior_correction(y_val, p_val, prior, min_balanced_accuracy=floor)
+    assert floor_met and tau < 0  # multiplied in: toward nv
+    tuned_val = _accuracy_and_balanced(y_val, adjust_probabilities(p_val, offsets=offsets))
+    assert tuned_val[1] >= floor and tuned_val[0] > acc_val + 0.01
+    # no allowed tau is more accurate on val than the one chosen
+    log_prior = np.log(prior)
+    for t in PRIOR_TAUS:
+        acc, bal = _accuracy_and_balanced(y_val, adjust_probabilities(p_val, offsets=-t * log_prior))
+        assert bal < floor or acc <= tuned_val[0] + 1e-12, t
+    assert _accuracy_and_balanced(y_test, adjust_probabilities(p_test, offsets=offsets))[0] > \
+        _accuracy_and_balanced(y_test, p_test)[0]  # the accuracy holds on unseen images
+
+
+def test_prior_correction_floor_out_of_reach_keeps_plain_argmax_and_says_so():
+    prior = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    y_val, p_val = _prior_learning_model(1300, prior, seed=1)
+    assert tune_prior_correction(y_val, p_val, prior)[0] > 0.5  # without the floor it would move far
+    tau, offsets, floor_met = tune_prior_correction(y_val, p_val, prior, min_balanced_accuracy=0.99)
+    assert not floor_met and tau == 0.0
+    np.testing.assert_array_equal(offsets, np.zeros(7))
 
 
 def test_adjust_probabilities_renormalizes_and_defaults_are_identity():
