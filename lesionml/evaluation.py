@@ -123,8 +123,7 @@ def tune_prior_correction(
     for tau in PRIOR_TAUS:
         pred = adjust_probabilities(proba_val, offsets=-tau * log_prior).argmax(axis=1)  # as served
         scores.append((float(np.mean([(pred[y_val == c] == c).mean() for c in present])), float(np.mean(pred == y_val))))
-    balanced = np.array([b for b, _ in scores])
-    accuracy = np.array([a for _, a in scores])
+    balanced, accuracy = np.array(scores).T
     if min_balanced_accuracy is None:
         best, floor_met = int(np.argmax(balanced)), True  # np.argmax: the first, smallest |tau|, of ties
     else:
