@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         "schedule", help="serve the retraining flow as a Prefect deployment on a cron schedule (needs PREFECT_API_URL)"
     )
     _common(schedule, source=False)
-    schedule.add_argument("--cron", help="5-field cron expression (default: schedule.cron in params)")
+    when = schedule.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="5-field cron expression (default: schedule.cron in params)")
+    when.add_argument("--interval", type=int, metavar="SECONDS",
+                      help="fire every SECONDS instead of on a cron schedule (for trying it out, and tests)")
     schedule.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
     predict = sub.add_parser("predict", help="classify image files or folders with a registered model")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
@@ -80,7 +83,7 @@ def _schedule(args: argparse.Namespace) -> None:
     params = load_params(args.params, args.overrides)
     cron = args.cron or params.schedule.cron
     _quiet_environment()
-    from prefect.schedules import Cron
+    from prefect.schedules import Cron, Interval
     from prefect.settings import get_current_settings
 
     api = get_current_settings().api.url
@@ -91,11 +94,17 @@ def _schedule(args: argparse.Namespace) -> None:
         )
     from flows.retrain import retrain
 
-    try:
-        schedule = Cron(cron, timezone=params.schedule.timezone)
-    except ValueError as exc:
-        raise LesionMLError(f"cron schedule '{cron}' is invalid: {exc}") from None
-    print(f"deployment lesionml-retrain/{args.name} on {api}: cron '{cron}' ({params.schedule.timezone}); "
+    if args.interval is not None:
+        if args.interval < 10:
+            raise LesionMLError(f"--interval {args.interval}: fire at most every 10 seconds")
+        schedule, when = Interval(args.interval, timezone=params.schedule.timezone), f"every {args.interval} s"
+    else:
+        try:
+            schedule = Cron(cron, timezone=params.schedule.timezone)
+        except ValueError as exc:
+            raise LesionMLError(f"cron schedule '{cron}' is invalid: {exc}") from None
+        when = f"cron '{cron}' ({params.schedule.timezone})"
+    print(f"deployment lesionml-retrain/{args.name} on {api}: {when}; "
           "Ctrl-C stops serving (the schedule is paused)", flush=True)
     retrain.serve(
         name=args.name,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+from datetime import datetime
 import urllib.request
 from pathlib import Path
 
@@ -39,12 +40,13 @@ def _api(url: str, path: str, body: dict | None = None, method: str = "POST", at
     The server answers 503 when its SQLite database is busy (a write from the serve process
     or a background service holds the lock); the request did not happen and is safe to repeat.
     """
-    data = None if method == "GET" else json.dumps(body or {}).encode()
+    data = None if method in ("GET", "DELETE") else json.dumps(body or {}).encode()
     for attempt in range(attempts):
         req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, method=method)
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
-                return json.loads(r.read())
+                body = r.read()
+                return json.loads(body) if body else None
         except urllib.error.HTTPError as e:
             if e.code not in (429, 502, 503) or attempt == attempts - 1:
                 raise
@@ -120,16 +122,6 @@ def test_a_temporary_server_that_cannot_start_is_a_clear_error(tmp_path, monkeyp
     assert api.process is None
 
 
-def _wait_for_run(server: str, run_id: str, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = _api(server, f"/flow_runs/{run_id}", method="GET")
-        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return run
-        time.sleep(1)
-    pytest.fail(f"flow run {run_id} did not finish in {timeout} s")
-
-
 def _logs(server: str, run_id: str, expect: str = "") -> str:
     """The run's log messages, waiting a little for `expect` (logs reach the API in batches)."""
     deadline = time.monotonic() + 15
@@ -141,12 +133,35 @@ def _logs(server: str, run_id: str, expect: str = "") -> str:
         time.sleep(0.5)
 
 
-def test_schedule_serves_a_cron_deployment_that_retrains_then_stops_early(prefect_server, tmp_path):
+def _auto_runs(server: str, deployment_id: str) -> list[dict]:
+    """The deployment's runs that the server's scheduler created, oldest tick first."""
+    runs = _api(server, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment_id]}},
+                                             "sort": "EXPECTED_START_TIME_ASC"})
+    return [r for r in runs if r["auto_scheduled"]]
+
+
+def _wait_for_finished_auto_runs(server: str, deployment_id: str, n: int, serve: subprocess.Popen, log: Path,
+                                 timeout: float = 600) -> list[dict]:
+    """Wait, touching nothing, until the scheduler's first `n` runs have finished."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _auto_runs(server, deployment_id)[:n]
+        if len(runs) == n and all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
+            return runs
+        if serve.poll() is not None or time.monotonic() > deadline:
+            states = [(r["name"], r["state_name"]) for r in runs]
+            pytest.fail(f"the scheduler's first {n} runs did not finish (have {states}):\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+
+
+def test_the_servers_own_scheduler_fires_the_deployment_which_retrains_then_stops_early(prefect_server, tmp_path):
+    """No run is created by hand: the Prefect server's scheduler makes them from the schedule."""
     params = write_params(tmp_path, SAMPLE, **TINY)
     served_log = tmp_path / "serve.log"  # a file, not a pipe: nobody drains a pipe while the test waits
+    interval = 20
     with served_log.open("w") as out:
         serve = subprocess.Popen(
-            [str(BIN / "lesionml"), "schedule", "--cron", "0 3 * * 1", "--params", str(params)],
+            [str(BIN / "lesionml"), "schedule", "--interval", str(interval), "--params", str(params)],
             env={**_client_env(prefect_server, tmp_path), "PREFECT_LOGGING_LEVEL": "INFO"},  # the runs' prints reach the API
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -159,24 +174,31 @@ def test_schedule_serves_a_cron_deployment_that_retrains_then_stops_early(prefec
             if serve.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"no deployment was served:\n{served_log.read_text()[-3000:]}")
             time.sleep(1)
-        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
+        [schedule] = deployment["schedules"]
+        assert schedule["schedule"]["interval"] == interval and schedule["active"]
         assert deployment["parameters"]["params_file"] == str(params)
 
-        first = _api(prefect_server, f"/deployments/{deployment['id']}/create_flow_run", {})
-        run = _wait_for_run(prefect_server, first["id"])
-        assert run["state_type"] == "COMPLETED", _logs(prefect_server, first["id"])[-3000:]
-        expect = "retraining: no successful run has identity"
-        assert expect in _logs(prefect_server, first["id"], expect)
-
-        second = _api(prefect_server, f"/deployments/{deployment['id']}/create_flow_run", {})
-        started = time.monotonic()
-        assert _wait_for_run(prefect_server, second["id"])["state_type"] == "COMPLETED"
-        early = time.monotonic() - started
-        expect = "nothing changed since MLflow run"
-        assert expect in _logs(prefect_server, second["id"], expect)
+        first, second = _wait_for_finished_auto_runs(prefect_server, deployment["id"], 2, serve, served_log)
     finally:
         os.killpg(serve.pid, 15)
         serve.wait(timeout=60)
+        if deployment:  # its ~100 runs scheduled ahead go too: the session's server is shared
+            _api(prefect_server, f"/deployments/{deployment['id']}", method="DELETE")
+
+    created = datetime.fromisoformat(deployment["created"])
+    anchor = datetime.fromisoformat(schedule["schedule"]["anchor_date"])
+    for run in (first, second):
+        assert run["state_type"] == "COMPLETED", _logs(prefect_server, run["id"])[-3000:]
+        expected = datetime.fromisoformat(run["expected_start_time"])
+        assert expected >= created, (expected, created)  # a tick of this deployment's schedule, not a backfill
+        assert (expected - anchor).total_seconds() % interval == 0, (expected, anchor)
+        # Executed by the serving process (`lesionml schedule`): the run's own log lines are in its output.
+        assert f"/runs/flow-run/{run['id']}" in served_log.read_text()
+    expect = "retraining: no successful run has identity"
+    assert expect in _logs(prefect_server, first["id"], expect)
+    expect = "nothing changed since MLflow run"
+    assert expect in _logs(prefect_server, second["id"], expect)
+    early = (datetime.fromisoformat(second["end_time"]) - datetime.fromisoformat(second["start_time"])).total_seconds()
 
     # MLflow recorded exactly one pipeline run (the second retraining stopped before starting one).
     with sqlite3.connect(tmp_path / "mlruns.db") as db:
