@@ -19,6 +19,9 @@ run: setup
 	$(BIN)/lesionml run $(ARGS)
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(ARGS)
 
 repro: setup  # the pipeline through DVC: runs only the stages whose deps or params changed

@@ -56,11 +56,14 @@ def main() -> int:
 
     models = {"autotune on (TF default)": model(), "autotune off (lesionml)": model()}
     times: dict[str, list[float]] = {side: [] for side in models}
-    print(f"{args.images} random images {height}x{width}, cnn, batch {params.train.batch_size}, {args.epochs} epochs per side")
+    print(
+        f"{args.images} random images {height}x{width}, cnn, batch {params.train.batch_size}, {args.epochs} epochs per side"
+    )
     for epoch in range(args.epochs):
         for side, m in models.items():
-            ds = make_dataset(images, labels, params.train.batch_size, n_classes=len(CLASSES),
-                              augment=params.augment, seed=epoch)
+            ds = make_dataset(
+                images, labels, params.train.batch_size, n_classes=len(CLASSES), augment=params.augment, seed=epoch
+            )
             if side.startswith("autotune on"):
                 ds = ds.with_options(autotune_on)
             started = time.perf_counter()

@@ -56,8 +56,10 @@ def main() -> int:
     labels = meta.dx.map({c: i for i, c in enumerate(CLASSES)}).to_numpy(np.int64)
     stats = fit_stats(images)
     batch = params.train.batch_size
-    print(f"{len(images)} images {images.shape[1]}x{images.shape[2]}, model {args.model}, batch {batch}, "
-          f"{args.epochs} timed epochs per side after 1 warm-up epoch")
+    print(
+        f"{len(images)} images {images.shape[1]}x{images.shape[2]}, model {args.model}, batch {batch}, "
+        f"{args.epochs} timed epochs per side after 1 warm-up epoch"
+    )
 
     def fresh_model():
         seed_everything(0)
@@ -68,7 +70,9 @@ def main() -> int:
 
     def bare() -> float:
         model = fresh_model()
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
         model.fit(floats, labels, batch_size=batch, epochs=1, verbose=0)  # warm-up: graph tracing, allocations
         started = time.perf_counter()
         model.fit(floats, labels, batch_size=batch, epochs=args.epochs, shuffle=True, verbose=0)
@@ -76,8 +80,16 @@ def main() -> int:
 
     def pipeline() -> float:
         with tempfile.TemporaryDirectory() as work:
-            result = fit(fresh_model(), (images, labels), (images[:batch], labels[:batch]), cfg, Path(work),
-                         Path(work) / "model.keras", augment=params.augment, n_classes=len(CLASSES))
+            result = fit(
+                fresh_model(),
+                (images, labels),
+                (images[:batch], labels[:batch]),
+                cfg,
+                Path(work),
+                Path(work) / "model.keras",
+                augment=params.augment,
+                n_classes=len(CLASSES),
+            )
             seconds = pd.read_csv(result.history_path).seconds.iloc[1:]  # epoch 1 is the warm-up
         return len(images) * len(seconds) / seconds.sum()
 

@@ -53,17 +53,19 @@ def worktree(commit: str) -> Iterator[Path]:
 def timed_run(cmd: list[str], env: dict[str, str], side: str) -> tuple[float, float]:
     """Wall seconds of one whole CLI process, and the flow's own `done in` figure."""
     started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"bench/no_change.py: the {side} run failed:\n{done.stderr[-3000:]}")
-    stages = re.search(r"^stages\s+(.*)$", done.stdout, re.M)
-    flow = re.search(r"^done in ([\d.]+) s$", done.stdout, re.M)
+    stages = re.search(r"^stages\s+(.*)$", done.stdout, re.MULTILINE)
+    flow = re.search(r"^done in ([\d.]+) s$", done.stdout, re.MULTILINE)
     if not stages or not flow:
         raise SystemExit(f"bench/no_change.py: no run summary from the {side} run:\n{done.stdout[-2000:]}")
     if "(ran)" in stages.group(1):
-        raise SystemExit(f"bench/no_change.py: the {side} run had work to do ({stages.group(1)}); "
-                         "finish a run with the same --source/--set first")
+        raise SystemExit(
+            f"bench/no_change.py: the {side} run had work to do ({stages.group(1)}); "
+            "finish a run with the same --source/--set first"
+        )
     return wall, float(flow.group(1))
 
 
@@ -82,7 +84,10 @@ def main() -> int:
         cmd += ["--set", override]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     with worktree(args.baseline) as tree:
-        envs = {"lesionml": env, "baseline": {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))}}
+        envs = {
+            "lesionml": env,
+            "baseline": {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))},
+        }
         print(f"{' '.join(cmd)}\nbaseline: commit {args.baseline}; warm-up run of each side (untimed)...", flush=True)
         for side, side_env in envs.items():
             timed_run(cmd, side_env, side)
@@ -92,16 +97,22 @@ def main() -> int:
             for side in order:
                 wall, flow = timed_run(cmd, envs[side], side)
                 times[side].append((wall, flow))
-                print(f"  round {round_ + 1}  {side:<9} wall {wall:6.2f} s   (flow `done in` {flow:5.2f} s)", flush=True)
+                print(
+                    f"  round {round_ + 1}  {side:<9} wall {wall:6.2f} s   (flow `done in` {flow:5.2f} s)", flush=True
+                )
 
     medians = {side: statistics.median(w for w, _ in runs) for side, runs in times.items()}
     print("\nside       wall median  best     flow median")
     for side, runs in times.items():
-        print(f"{side:<10} {medians[side]:8.2f} s  {min(w for w, _ in runs):6.2f} s  "
-              f"{statistics.median(f for _, f in runs):8.2f} s")
+        print(
+            f"{side:<10} {medians[side]:8.2f} s  {min(w for w, _ in runs):6.2f} s  "
+            f"{statistics.median(f for _, f in runs):8.2f} s"
+        )
     verdict = "met" if medians["lesionml"] <= GOAL_S else "NOT met"
-    print(f"ratio baseline/lesionml: {medians['baseline'] / medians['lesionml']:.2f}x; "
-          f"goal <= {GOAL_S:.0f} s: {verdict} ({medians['lesionml']:.1f} s)")
+    print(
+        f"ratio baseline/lesionml: {medians['baseline'] / medians['lesionml']:.2f}x; "
+        f"goal <= {GOAL_S:.0f} s: {verdict} ({medians['lesionml']:.1f} s)"
+    )
     return 0
 
 

@@ -177,9 +177,9 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, timeout: fl
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     launched, started = time.time(), time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        raise SystemExit(fail(f"{' '.join(cmd[:3])} ... took over {timeout:.0f} s; logs in {log.parent}"))
+        raise SystemExit(fail(f"{' '.join(cmd[:3])} ... took over {timeout:.0f} s; logs in {log.parent}")) from None
     seconds = time.perf_counter() - started
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
@@ -191,7 +191,7 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, timeout: fl
 
 
 def cli_done_in(stdout: str) -> float | None:
-    m = re.search(r"^done in ([\d.]+) s", stdout, re.M)
+    m = re.search(r"^done in ([\d.]+) s", stdout, re.MULTILINE)
     return float(m.group(1)) if m else None
 
 
@@ -203,7 +203,9 @@ def cli_stages(stdout: str) -> dict[str, str]:
 
 
 def plain_steps(stdout: str) -> dict[str, float]:
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^plain-step\t([^\t]+)\t([\d.]+)$", stdout, re.M)}
+    return {
+        m.group(1): float(m.group(2)) for m in re.finditer(r"^plain-step\t([^\t]+)\t([\d.]+)$", stdout, re.MULTILINE)
+    }
 
 
 def flow_stage_seconds(stderr: str, stages: list[str], launched: float, wall: float) -> dict[str, float]:
@@ -216,8 +218,8 @@ def flow_stage_seconds(stderr: str, stages: list[str], launched: float, wall: fl
     temporary server, closing the parent run, summary and shutdown. {} if the log has no
     such lines (another log format)."""
     stamp = r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) \| \w+ +\| "
-    begin = re.search(stamp + r"Flow run '[^']+' - Beginning flow run", stderr, re.M)
-    ends = list(re.finditer(stamp + r"Task run '[^']+' - Finished in state", stderr, re.M))
+    begin = re.search(stamp + r"Flow run '[^']+' - Beginning flow run", stderr, re.MULTILINE)
+    ends = list(re.finditer(stamp + r"Task run '[^']+' - Finished in state", stderr, re.MULTILINE))
     if not begin or len(ends) != len(stages):
         return {}
     day = time.localtime(launched)
@@ -229,7 +231,7 @@ def flow_stage_seconds(stderr: str, stages: list[str], launched: float, wall: fl
         return t + 86400 if t < launched - 1 else t  # a run past midnight
 
     out, previous = {}, at(begin)
-    for name, m in zip(stages, ends):
+    for name, m in zip(stages, ends, strict=False):
         out[name] = at(m) - previous
         previous = at(m)
     out["outside"] = wall - sum(out.values())
@@ -255,13 +257,27 @@ def plain_stage_seconds(steps: dict[str, float], stages: list[str], wall: float)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="base params file (default: the repo's)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="passed to both sides (repeatable), e.g. --set train.epochs=1 for a quick check")
-    ap.add_argument("--repeats", type=int, default=1, help="rounds of the two cold sides, alternating order (default 1)")
-    ap.add_argument("--no-warmup", action="store_true",
-                    help="skip the untimed warm-up (heavy imports and an empty flow: OS file cache, Prefect's database)")
-    ap.add_argument("--fresh-prefect-home", action="store_true",
-                    help="a new PREFECT_HOME for each cold lesionml run (it then also creates Prefect's database)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="passed to both sides (repeatable), e.g. --set train.epochs=1 for a quick check",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="rounds of the two cold sides, alternating order (default 1)"
+    )
+    ap.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the untimed warm-up (heavy imports and an empty flow: OS file cache, Prefect's database)",
+    )
+    ap.add_argument(
+        "--fresh-prefect-home",
+        action="store_true",
+        help="a new PREFECT_HOME for each cold lesionml run (it then also creates Prefect's database)",
+    )
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per subprocess (default 3600)")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (params, workspaces, stores, logs)")
     ap.add_argument("--json", type=Path, help="also write the results here (e.g. bench/results/overhead.json)")
@@ -284,12 +300,20 @@ def main() -> int:
     sets = [x for item in args.overrides for x in ("--set", item)]
     print(f"base params  {base} {' '.join(args.overrides)}")
     print(f"temp         {tmp}")
-    print(f"machine      {os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min)")
+    print(
+        f"machine      {os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min)"
+    )
 
     if not args.no_warmup:
         started = time.perf_counter()
-        warm = subprocess.run([sys.executable, "-c", WARM_UP], cwd=ROOT, env={**env, "PREFECT_HOME": str(tmp / "prefect")},
-                              capture_output=True, text=True)
+        warm = subprocess.run(
+            [sys.executable, "-c", WARM_UP],
+            cwd=ROOT,
+            env={**env, "PREFECT_HOME": str(tmp / "prefect")},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if warm.returncode != 0:
             print(warm.stderr[-3000:], file=sys.stderr)
             return fail(f"warm-up failed (exit {warm.returncode}); temp folder kept: {tmp}")
@@ -314,8 +338,11 @@ def main() -> int:
             row = {"wall_s": run["wall_s"], "cpu_s": run["cpu_s"]}
             if side == "flow":
                 stages = cli_stages(run["stdout"])
-                row.update(in_flow_s=cli_done_in(run["stdout"]), stages=stages,
-                           stage_s=flow_stage_seconds(run["stderr"], list(stages), run["launched"], run["wall_s"]))
+                row.update(
+                    in_flow_s=cli_done_in(run["stdout"]),
+                    stages=stages,
+                    stage_s=flow_stage_seconds(run["stderr"], list(stages), run["launched"], run["wall_s"]),
+                )
             else:
                 row.update(steps=plain_steps(run["stdout"]))
             rows[side].append(row)
@@ -326,11 +353,20 @@ def main() -> int:
         prefect_home = (folder if args.fresh_prefect_home else tmp) / "prefect"
         run = timed(cmd, folder, {**env, "PREFECT_HOME": str(prefect_home)}, folder / "run-nochange.log", args.timeout)
         stages = cli_stages(run["stdout"])
-        rows["nochange"].append({"wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "in_flow_s": cli_done_in(run["stdout"]),
-                                 "stages": stages, "all_cached": bool(stages) and all(v == "cached" for v in stages.values()),
-                                 "stage_s": flow_stage_seconds(run["stderr"], list(stages), run["launched"], run["wall_s"])})
-        print(f"  round {k + 1}: {'lesionml run (no change)':<24} {run['wall_s']:8.1f} s wall {run['cpu_s']:8.1f} s CPU",
-              flush=True)
+        rows["nochange"].append(
+            {
+                "wall_s": run["wall_s"],
+                "cpu_s": run["cpu_s"],
+                "in_flow_s": cli_done_in(run["stdout"]),
+                "stages": stages,
+                "all_cached": bool(stages) and all(v == "cached" for v in stages.values()),
+                "stage_s": flow_stage_seconds(run["stderr"], list(stages), run["launched"], run["wall_s"]),
+            }
+        )
+        print(
+            f"  round {k + 1}: {'lesionml run (no change)':<24} {run['wall_s']:8.1f} s wall {run['cpu_s']:8.1f} s CPU",
+            flush=True,
+        )
 
     def med(side: str, key: str = "wall_s") -> float:
         values = [r[key] for r in rows[side] if r.get(key) is not None]
@@ -347,13 +383,19 @@ def main() -> int:
     print(f"{'':<32} {'':>8} {'':>8}    CPU = user + system of it and its children, e.g. Prefect's server)")
     print("-" * 110)
     print(f"{'plain script (same functions)':<32} {plain:>8.1f} {plain_cpu:>8.1f}")
-    print(f"{'lesionml run (cold)':<32} {flow:>8.1f} {flow_cpu:>8.1f}   'done in' (flow call to summary) "
-          f"{med('flow', 'in_flow_s'):.1f} s")
-    print(f"{'overhead':<32} {overhead:>+8.1f} {overhead_cpu:>+8.1f}   wall {share:+.1%} of the plain script "
-          f"(goal <= {OVERHEAD_GOAL:.0%}: {'met' if share <= OVERHEAD_GOAL else 'NOT met'}); CPU {share_cpu:+.1%}")
-    print(f"{'lesionml run (nothing changed)':<32} {nochange:>8.1f} {nochange_cpu:>8.1f}   goal <= {NO_CHANGE_GOAL_S:g} s: "
-          f"{'met' if nochange <= NO_CHANGE_GOAL_S else 'NOT met'}; 'done in' {med('nochange', 'in_flow_s'):.1f} s; "
-          f"every stage cached: {'yes' if all_cached else 'NO'}")
+    print(
+        f"{'lesionml run (cold)':<32} {flow:>8.1f} {flow_cpu:>8.1f}   'done in' (flow call to summary) "
+        f"{med('flow', 'in_flow_s'):.1f} s"
+    )
+    print(
+        f"{'overhead':<32} {overhead:>+8.1f} {overhead_cpu:>+8.1f}   wall {share:+.1%} of the plain script "
+        f"(goal <= {OVERHEAD_GOAL:.0%}: {'met' if share <= OVERHEAD_GOAL else 'NOT met'}); CPU {share_cpu:+.1%}"
+    )
+    print(
+        f"{'lesionml run (nothing changed)':<32} {nochange:>8.1f} {nochange_cpu:>8.1f}   goal <= {NO_CHANGE_GOAL_S:g} s: "
+        f"{'met' if nochange <= NO_CHANGE_GOAL_S else 'NOT met'}; 'done in' {med('nochange', 'in_flow_s'):.1f} s; "
+        f"every stage cached: {'yes' if all_cached else 'NO'}"
+    )
 
     # Where the difference is: the last round's stages side by side.
     flow_row, plain_row, nochange_row = rows["flow"][-1], rows["plain"][-1], rows["nochange"][-1]
@@ -362,13 +404,19 @@ def main() -> int:
     by_plain = plain_stage_seconds(plain_row["steps"], names, plain_row["wall_s"])
     by_nochange = nochange_row["stage_s"]
     if by_flow and by_plain:
-        print(f"\nseconds per stage, last round (lesionml: from Prefect's log timestamps; plain: timed in the script)")
+        print("\nseconds per stage, last round (lesionml: from Prefect's log timestamps; plain: timed in the script)")
         print(f"  {'stage':<22} {'plain':>8} {'lesionml':>9} {'diff':>8} {'no change':>10}")
         for name in [*names, "outside"]:
-            a, b, c = by_plain.get(name, float("nan")), by_flow.get(name, float("nan")), by_nochange.get(name, float("nan"))
+            a, b, c = (
+                by_plain.get(name, float("nan")),
+                by_flow.get(name, float("nan")),
+                by_nochange.get(name, float("nan")),
+            )
             print(f"  {name:<22} {a:>8.1f} {b:>9.1f} {b - a:>+8.1f} {c:>10.1f}")
-        print("  (ingest includes connecting to MLflow, the first train opening the parent run; \"outside\" is "
-              "start-up, imports, Prefect's server, summary, shutdown)")
+        print(
+            '  (ingest includes connecting to MLflow, the first train opening the parent run; "outside" is '
+            "start-up, imports, Prefect's server, summary, shutdown)"
+        )
     steps = plain_row["steps"]
     if steps:
         print("\nplain script, seconds per step (last round):")
@@ -376,16 +424,37 @@ def main() -> int:
             print(f"  {name:<28} {seconds:8.2f}  {seconds / plain_row['wall_s']:6.1%}")
     if not all_cached:
         last = nochange_row["stages"]
-        print(f"\nno-change run re-ran: {', '.join(s for s, v in last.items() if v != 'cached') or '? (no stages line)'}")
+        print(
+            f"\nno-change run re-ran: {', '.join(s for s, v in last.items() if v != 'cached') or '? (no stages line)'}"
+        )
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(
-            {"base_params": str(base), "overrides": args.overrides, "repeats": args.repeats, "cpu_count": os.cpu_count(),
-             "runs": rows, "plain_s": plain, "flow_s": flow, "overhead_s": overhead, "overhead_share": share,
-             "plain_cpu_s": plain_cpu, "flow_cpu_s": flow_cpu, "overhead_cpu_s": overhead_cpu, "nochange_cpu_s": nochange_cpu,
-             "overhead_goal": OVERHEAD_GOAL, "nochange_s": nochange, "nochange_goal_s": NO_CHANGE_GOAL_S,
-             "nochange_all_cached": all_cached}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "base_params": str(base),
+                    "overrides": args.overrides,
+                    "repeats": args.repeats,
+                    "cpu_count": os.cpu_count(),
+                    "runs": rows,
+                    "plain_s": plain,
+                    "flow_s": flow,
+                    "overhead_s": overhead,
+                    "overhead_share": share,
+                    "plain_cpu_s": plain_cpu,
+                    "flow_cpu_s": flow_cpu,
+                    "overhead_cpu_s": overhead_cpu,
+                    "nochange_cpu_s": nochange_cpu,
+                    "overhead_goal": OVERHEAD_GOAL,
+                    "nochange_s": nochange,
+                    "nochange_goal_s": NO_CHANGE_GOAL_S,
+                    "nochange_all_cached": all_cached,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"results written to {args.json}")
     if args.keep:
         print(f"kept {tmp}")

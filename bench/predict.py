@@ -51,9 +51,19 @@ def main() -> int:
             shutil.copy(f, tmp)
         started = time.perf_counter()
         done = subprocess.run(
-            [str(Path(sys.executable).parent / "lesionml"), "predict", tmp, "--json", "--model", args.model,
-             "--params", args.params],
-            capture_output=True, text=True,
+            [
+                str(Path(sys.executable).parent / "lesionml"),
+                "predict",
+                tmp,
+                "--json",
+                "--model",
+                args.model,
+                "--params",
+                args.params,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         cli = time.perf_counter() - started
     if done.returncode != 0:
@@ -75,11 +85,15 @@ def main() -> int:
     predict_proba(model, arrays, tta=served.tta, batch_size=64)
     same_work = time.perf_counter() - started
     n = len(files)
-    print(f"{n} images, model {args.model}, input {size[0]}x{size[1]}, test-time augmentation {'on' if served.tta else 'off'}")
+    print(
+        f"{n} images, model {args.model}, input {size[0]}x{size[1]}, test-time augmentation {'on' if served.tta else 'off'}"
+    )
     print(f"  {'lesionml predict (files -> classes, whole CLI process)':<56} {cli:7.2f} s  {n / cli:8.1f} img/s")
     print(f"  {'the served arithmetic (TTA as served) on arrays':<56} {same_work:7.2f} s  {n / same_work:8.1f} img/s")
     print(f"  {'model.predict on decoded, resized arrays':<56} {bare:7.2f} s  {n / bare:8.1f} img/s")
-    print(f"ratio predict CLI / served arithmetic on arrays: {same_work / cli:.2f}x; / bare model.predict: {bare / cli:.2f}x")
+    print(
+        f"ratio predict CLI / served arithmetic on arrays: {same_work / cli:.2f}x; / bare model.predict: {bare / cli:.2f}x"
+    )
     return 0
 
 

@@ -57,8 +57,14 @@ def main() -> int:
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help=f"HAM10000 folder (default {DEFAULT_SOURCE})")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (default 3)")
     ap.add_argument("--workers", type=int, default=2, help="load_images threads (default 2)")
-    ap.add_argument("--size", type=int, nargs=2, default=(75, 100), metavar=("H", "W"),
-                    help="output height and width (default 75 100, the seed's)")
+    ap.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(75, 100),
+        metavar=("H", "W"),
+        help="output height and width (default 75 100, the seed's)",
+    )
     ap.add_argument("--limit", type=int, help="use only the first N images of the metadata")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     args = ap.parse_args()
@@ -108,10 +114,14 @@ def main() -> int:
 
     print(f"source    {source}")
     print(f"images    {n} JPEGs ({cached_bytes / 1e6:.1f} MB) -> {size[0]}x{size[1]} uint8 RGB")
-    print(f"machine   {os.cpu_count()} CPUs, Python {platform.python_version()}, Pillow {PIL.__version__}, "
-          f"simplejpeg {simplejpeg.__version__}, OpenCV {cv2.__version__}, NumPy {np.__version__}")
-    print(f"warm-up   OS file cache warmed once before timing (read all {n} files in {warm_s:.2f} s); "
-          f"each side run once untimed on 64 images")
+    print(
+        f"machine   {os.cpu_count()} CPUs, Python {platform.python_version()}, Pillow {PIL.__version__}, "
+        f"simplejpeg {simplejpeg.__version__}, OpenCV {cv2.__version__}, NumPy {np.__version__}"
+    )
+    print(
+        f"warm-up   OS file cache warmed once before timing (read all {n} files in {warm_s:.2f} s); "
+        f"each side run once untimed on 64 images"
+    )
     print(f"timing    {args.repeats} repeat(s) per side, alternating order; best and median reported\n")
 
     timings: dict[str, list[float]] = {name: [] for name in sides}
@@ -156,9 +166,11 @@ def main() -> int:
     ratio_median = rows["plain"]["median_s"] / rows["pipeline"]["median_s"]
 
     print(f"\nshape     both {a.shape} {a.dtype}{'' if shape_ok else f'  (EXPECTED {expected})'}")
-    print(f"pixels    mean absolute difference {mad:.2f} (max {max_diff}, {identical:.1%} of values equal); "
-          "expected: Pillow's bicubic resize of the full decode vs a DCT-scaled decode (the smallest M/8 "
-          "scale covering the target) + OpenCV's bilinear resize")
+    print(
+        f"pixels    mean absolute difference {mad:.2f} (max {max_diff}, {identical:.1%} of values equal); "
+        "expected: Pillow's bicubic resize of the full decode vs a DCT-scaled decode (the smallest M/8 "
+        "scale covering the target) + OpenCV's bilinear resize"
+    )
     print(f"median    ratio of medians {ratio_median:.1f}x")
     print(f"ratio pipeline/plain: {ratio:.1f}x (goal >= {GOAL:g}x)")
 

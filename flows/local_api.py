@@ -62,9 +62,23 @@ class LocalAPI:
         app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent  # site-packages, as Prefect's own
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(app_dir),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
             env=env,
             stdin=subprocess.DEVNULL,
         )
@@ -145,7 +159,11 @@ def serving() -> Iterator[None]:
         yield
         return
     url = _launched.wait(settings.server.ephemeral.startup_timeout_seconds)
-    print(f"Prefect: temporary server on {url.removesuffix('/api')} for this command "
-          "(set PREFECT_API_URL to use a running one)", file=sys.stderr, flush=True)
+    print(
+        f"Prefect: temporary server on {url.removesuffix('/api')} for this command "
+        "(set PREFECT_API_URL to use a running one)",
+        file=sys.stderr,
+        flush=True,
+    )
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield

@@ -15,10 +15,10 @@ from prefect import flow
 
 from lesionml import tracking
 from lesionml.config import Params, load_params
-from lesionml.errors import ConfigError, DataError
-from lesionml.provenance import run_identity
 from lesionml.data.source import source_signature
 from lesionml.data.split import split_counts
+from lesionml.errors import ConfigError, DataError
+from lesionml.provenance import run_identity
 from lesionml.workspace import STAGES, Stage, Workspace
 from tasks import data
 from tasks._stage import run_stage
@@ -95,7 +95,11 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
     if reach < STAGES.index("augment"):
         return result
     aug = stage(
-        "augment", data.augment_task, images_npz=prep["images"], split_csv=split["split"], params=params.section("augment")
+        "augment",
+        data.augment_task,
+        images_npz=prep["images"],
+        split_csv=split["split"],
+        params=params.section("augment"),
     )
     if reach < STAGES.index("train"):
         return result
@@ -142,8 +146,13 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 git_commit=commit,
             )
             decision = json.loads(Path(registered["decision"]["path"]).read_text())
-            tracking.set_tags(parent, {"lesionml.promoted": str(decision["promote"]).lower(),
-                                       "lesionml.registry_decision": decision["reason"]})
+            tracking.set_tags(
+                parent,
+                {
+                    "lesionml.promoted": str(decision["promote"]).lower(),
+                    "lesionml.registry_decision": decision["reason"],
+                },
+            )
             if chosen == list(params.models.enabled):
                 # A complete run: what scheduled retraining compares with to stop early.
                 fingerprint = json.loads(Path(ingested["release"]["path"]).read_text())["fingerprint"]

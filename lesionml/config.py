@@ -29,7 +29,7 @@ class DataConfig(_Section):
     max_archive_bytes: int = Field(20_000_000_000, ge=1)
 
     @model_validator(mode="after")
-    def _check_size(self) -> "DataConfig":
+    def _check_size(self) -> DataConfig:
         height, width = self.image_size
         if not (8 <= height <= 1024 and 8 <= width <= 1024):
             raise ValueError(f"image_size must be two sides between 8 and 1024, got {list(self.image_size)}")
@@ -42,7 +42,7 @@ class SplitConfig(_Section):
     test_fraction: float = Field(0.15, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _check_fractions(self) -> "SplitConfig":
+    def _check_fractions(self) -> SplitConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction must be below 1 to leave a training split, "
@@ -109,7 +109,7 @@ class CNNConfig(_ModelSection):
     dense_dropout: float = Field(0.5, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _check_convs(self) -> "CNNConfig":
+    def _check_convs(self) -> CNNConfig:
         counts = self.convs_per_block
         if isinstance(counts, tuple) and len(counts) != len(self.filters):
             raise ValueError(
@@ -143,7 +143,7 @@ class ModelsConfig(_Section):
     cnn_lstm: CNNLSTMConfig = CNNLSTMConfig()
 
     @model_validator(mode="after")
-    def _check_enabled(self) -> "ModelsConfig":
+    def _check_enabled(self) -> ModelsConfig:
         unknown = [m for m in self.enabled if m not in MODEL_NAMES]
         if unknown:
             raise ValueError(f"unknown model {unknown[0]!r}; known models: {', '.join(MODEL_NAMES)}")
@@ -240,7 +240,7 @@ class Params(_Section):
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
-    def resolve_paths(self, root: Path) -> "Params":
+    def resolve_paths(self, root: Path) -> Params:
         """Anchor relative paths at the folder of params.yaml, so commands work from any cwd."""
         data = self.data.model_copy(
             update={

@@ -40,7 +40,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
     )
     mel_true, mel_pred = y_true == MELANOMA, y_pred == MELANOMA
     out: dict[str, Any] = {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "loss": log_loss(y_true, proba),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(y_true, y_pred)),
@@ -50,7 +50,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
     }
     present = np.unique(y_true)
     if len(present) == len(CLASSES):
-        out["roc_auc_macro"] = float(skm.roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=labels))
+        out["roc_auc_macro"] = float(
+            skm.roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=labels)
+        )
     out["per_class"] = {
         c: {k: float(report[c][k]) for k in ("precision", "recall", "f1-score", "support")} for c in CLASSES
     }
@@ -122,7 +124,9 @@ def tune_prior_correction(
     scores = []
     for tau in PRIOR_TAUS:
         pred = adjust_probabilities(proba_val, offsets=-tau * log_prior).argmax(axis=1)  # as served
-        scores.append((float(np.mean([(pred[y_val == c] == c).mean() for c in present])), float(np.mean(pred == y_val))))
+        scores.append(
+            (float(np.mean([(pred[y_val == c] == c).mean() for c in present])), float(np.mean(pred == y_val)))
+        )
     balanced, accuracy = np.array(scores).T
     if min_balanced_accuracy is None:
         best, floor_met = int(np.argmax(balanced)), True  # np.argmax: the first, smallest |tau|, of ties
@@ -240,8 +244,13 @@ def lesion_bootstrap(
 
 
 def paired_bootstrap(
-    y_true: np.ndarray, pred_new: np.ndarray, pred_old: np.ndarray, lesions: np.ndarray,
-    metric: str = "balanced_accuracy", n: int = 1000, seed: int = 0,
+    y_true: np.ndarray,
+    pred_new: np.ndarray,
+    pred_old: np.ndarray,
+    lesions: np.ndarray,
+    metric: str = "balanced_accuracy",
+    n: int = 1000,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """(observed metric(new) - metric(old), one-sided p-value that new is not better).
 

@@ -40,7 +40,12 @@ class Prediction:
     def to_dict(self) -> dict:
         if self.error:
             return {"source": self.source, "error": self.error}
-        return {"source": self.source, "predicted": self.predicted, "name": self.name, "probabilities": self.probabilities}
+        return {
+            "source": self.source,
+            "predicted": self.predicted,
+            "name": self.name,
+            "probabilities": self.probabilities,
+        }
 
 
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
@@ -54,7 +59,7 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def predict_proba(model: "keras.Model", images: np.ndarray, tta: bool = False, batch_size: int = 128) -> np.ndarray:
+def predict_proba(model: keras.Model, images: np.ndarray, tta: bool = False, batch_size: int = 128) -> np.ndarray:
     """Class probabilities of uint8 images (N, H, W, 3), as float64 rows summing to 1.
 
     With `tta`, the average over the image and its three mirror images (horizontal,
@@ -67,8 +72,9 @@ def predict_proba(model: "keras.Model", images: np.ndarray, tta: bool = False, b
 
     views = [images] + ([images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]] if tta else [])
     proba = sum(
-        np.asarray(model.predict(make_dataset(np.ascontiguousarray(v), batch_size=batch_size), verbose=0),
-                   dtype=np.float64)
+        np.asarray(
+            model.predict(make_dataset(np.ascontiguousarray(v), batch_size=batch_size), verbose=0), dtype=np.float64
+        )
         for v in views
     )
     return proba / proba.sum(axis=1, keepdims=True)  # also: a float32 softmax sums to 1 only within 1e-7
@@ -99,7 +105,7 @@ def adjust_probabilities(
 
 
 def predict_images(
-    model: "keras.Model",
+    model: keras.Model,
     items: Sequence[tuple[str, bytes | None]],
     tta: bool = False,
     batch_size: int = 64,
@@ -122,9 +128,9 @@ def predict_images(
             results[k].error = str(exc)
     if ok:
         proba = adjust_probabilities(predict_proba(model, np.stack(arrays), tta, batch_size), temperature, offsets)
-        for k, p in zip(ok, proba):
+        for k, p in zip(ok, proba, strict=True):
             results[k].predicted = CLASSES[int(p.argmax())]
-            results[k].probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p)}
+            results[k].probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p, strict=True)}
     return results
 
 

@@ -77,7 +77,7 @@ class Artifact:
     sha256: str
 
     @classmethod
-    def of(cls, path: Path | str) -> "Artifact":
+    def of(cls, path: Path | str) -> Artifact:
         return cls(str(Path(path).resolve()), sha256_file(path))
 
     def is_intact(self) -> bool:

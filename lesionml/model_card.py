@@ -11,13 +11,22 @@ def _ci(m: dict, key: str) -> str:
 
 
 def render(
-    name: str, version: str, summary: dict, metrics: dict, release: dict, split_table: str, facts: dict,
+    name: str,
+    version: str,
+    summary: dict,
+    metrics: dict,
+    release: dict,
+    split_table: str,
+    facts: dict,
     ema_decay: float = 0.0,
 ) -> str:
     """`ema_decay`: the train setting the model was trained with (0: its live weights were saved)."""
     test, val = metrics["test"], metrics["val"]
-    weights = (f"the running average of its weights (decay {ema_decay:g} per step) at epoch {summary['best_epoch']}"
-               if ema_decay else f"weights of epoch {summary['best_epoch']}")
+    weights = (
+        f"the running average of its weights (decay {ema_decay:g} per step) at epoch {summary['best_epoch']}"
+        if ema_decay
+        else f"weights of epoch {summary['best_epoch']}"
+    )
     recall_rows = "\n".join(
         f"| {c} | {CLASS_NAMES[c]} | {test['per_class'][c]['recall']:.3f} | {test['per_class'][c]['precision']:.3f} "
         f"| {test['per_class'][c].get('roc_auc', float('nan')):.3f} | {int(test['per_class'][c]['support'])} |"
@@ -28,47 +37,51 @@ def render(
     if decision.get("prior_correction"):
         plain = decision["argmax"]["test"]
         toward_nv = " (negative: the prior is multiplied in, toward nv)" if decision["tau"] < 0 else ""
-        rule = (f"Decisions divide the training class prior out of the probabilities to the power "
-                f"tau = {decision['tau']:.2f}{toward_nv}, {decision['objective']} "
-                f"(validation figures are therefore optimistic; test is untouched). Plain argmax scored test accuracy "
-                f"{plain['accuracy']:.3f} and balanced accuracy {plain['balanced_accuracy']:.3f}.")
+        rule = (
+            f"Decisions divide the training class prior out of the probabilities to the power "
+            f"tau = {decision['tau']:.2f}{toward_nv}, {decision['objective']} "
+            f"(validation figures are therefore optimistic; test is untouched). Plain argmax scored test accuracy "
+            f"{plain['accuracy']:.3f} and balanced accuracy {plain['balanced_accuracy']:.3f}."
+        )
     else:
         rule = "Decisions are the most probable class (no prior correction)."
     if decision.get("temperature", 1.0) != 1.0:
-        rule += (f" Probabilities are temperature-scaled (T = {decision['temperature']:.3f}, fitted on validation "
-                 f"log loss{', before the prior correction was tuned' if decision.get('prior_correction') else ''}; "
-                 f"the scaling alone changes no decision): test expected calibration error "
-                 f"{decision['raw_ece']['test']:.3f} before, {test['ece']:.3f} after.")
-    return f"""# Model card: {name} version {version} ({summary['model']})
+        rule += (
+            f" Probabilities are temperature-scaled (T = {decision['temperature']:.3f}, fitted on validation "
+            f"log loss{', before the prior correction was tuned' if decision.get('prior_correction') else ''}; "
+            f"the scaling alone changes no decision): test expected calibration error "
+            f"{decision['raw_ece']['test']:.3f} before, {test['ece']:.3f} after."
+        )
+    return f"""# Model card: {name} version {version} ({summary["model"]})
 
 ## What it is
-A {summary['model']} image classifier ({summary['parameters']:,} parameters) for 7 classes of pigmented skin
+A {summary["model"]} image classifier ({summary["parameters"]:,} parameters) for 7 classes of pigmented skin
 lesions in dermatoscopic images, trained from scratch by lesionml on HAM10000. Input: an RGB
-dermatoscopic image of any size (resized to {summary['image_size'][0]}x{summary['image_size'][1]}); output: a probability
+dermatoscopic image of any size (resized to {summary["image_size"][0]}x{summary["image_size"][1]}); output: a probability
 per class. Normalization statistics (training split only) are the model's first layer.
 
 ## Data and split
-HAM10000 release with {release['images']} images of {release['lesions']} lesions, content fingerprint
-`{release['fingerprint']}`. Split by lesion (no lesion in two splits), stratified by diagnosis:
+HAM10000 release with {release["images"]} images of {release["lesions"]} lesions, content fingerprint
+`{release["fingerprint"]}`. Split by lesion (no lesion in two splits), stratified by diagnosis:
 
 ```
 {split_table}
 ```
 
-Trained {summary['epochs_run']} epochs; {weights} (best on validation).
+Trained {summary["epochs_run"]} epochs; {weights} (best on validation).
 
 ## Performance (held-out test split; 95% intervals resample lesions)
 {rule}
 
 | metric | test | validation |
 |---|---|---|
-| accuracy | {_ci(test, 'accuracy')} | {_ci(val, 'accuracy')} |
-| balanced accuracy | {_ci(test, 'balanced_accuracy')} | {_ci(val, 'balanced_accuracy')} |
-| macro-F1 | {test['macro_f1']:.3f} | {val['macro_f1']:.3f} |
-| macro ROC AUC (one-vs-rest) | {test.get('roc_auc_macro', float('nan')):.3f} | {val.get('roc_auc_macro', float('nan')):.3f} |
-| melanoma sensitivity | {test['mel_sensitivity']:.3f} | {val['mel_sensitivity']:.3f} |
-| melanoma specificity | {test['mel_specificity']:.3f} | {val['mel_specificity']:.3f} |
-| expected calibration error | {test['ece']:.3f} | {val['ece']:.3f} |
+| accuracy | {_ci(test, "accuracy")} | {_ci(val, "accuracy")} |
+| balanced accuracy | {_ci(test, "balanced_accuracy")} | {_ci(val, "balanced_accuracy")} |
+| macro-F1 | {test["macro_f1"]:.3f} | {val["macro_f1"]:.3f} |
+| macro ROC AUC (one-vs-rest) | {test.get("roc_auc_macro", float("nan")):.3f} | {val.get("roc_auc_macro", float("nan")):.3f} |
+| melanoma sensitivity | {test["mel_sensitivity"]:.3f} | {val["mel_sensitivity"]:.3f} |
+| melanoma specificity | {test["mel_specificity"]:.3f} | {val["mel_specificity"]:.3f} |
+| expected calibration error | {test["ece"]:.3f} | {val["ece"]:.3f} |
 
 Per class on test:
 

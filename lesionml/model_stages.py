@@ -78,16 +78,25 @@ def _train(
     # Resumable state lives in a folder keyed by everything that defines the training run.
     key = hashlib.sha256(
         json.dumps(
-            [name, images.sha256, split.sha256, stats.sha256, model_cfg.model_dump(mode="json"),
-             train_cfg.model_dump(mode="json"), params.section("augment")],
+            [
+                name,
+                images.sha256,
+                split.sha256,
+                stats.sha256,
+                model_cfg.model_dump(mode="json"),
+                train_cfg.model_dump(mode="json"),
+                params.section("augment"),
+            ],
             sort_keys=True,
         ).encode()
     ).hexdigest()[:16]
     out = ws.model_dir(name)
     workdir = out / ".work" / key
     hooks = [lambda epoch, m: tracking.log_metrics(run_id, m, step=epoch)] if run_id else []
-    print(f"training {name}: {len(train_x)} train / {len(val_x)} val images of {image_size[0]}x{image_size[1]}, "
-          f"{model.count_params():,} parameters, up to {train_cfg.epochs} epochs")
+    print(
+        f"training {name}: {len(train_x)} train / {len(val_x)} val images of {image_size[0]}x{image_size[1]}, "
+        f"{model.count_params():,} parameters, up to {train_cfg.epochs} epochs"
+    )
     result = fit(
         model,
         (train_x, _labels(train_rows)),
@@ -121,8 +130,14 @@ def _train(
         # re-evaluated in this same run, and a param cannot change; evaluation sets tags instead.
         extra = {"model.name": name, "model.parameters": summary["parameters"]}
         tracking.log_params(run_id, params.model_copy(update={"train": train_cfg}), extra, skip=("evaluate",))
-        tracking.log_metrics(run_id, {k: v for k, v in summary.items() if k in (
-            "epochs_run", "best_epoch", "train_seconds", "train_images_per_second")})
+        tracking.log_metrics(
+            run_id,
+            {
+                k: v
+                for k, v in summary.items()
+                if k in ("epochs_run", "best_epoch", "train_seconds", "train_images_per_second")
+            },
+        )
         tracking.log_text(run_id, tracking.model_summary(model), "model_summary.txt")
         tracking.log_dict(run_id, norm.to_dict(), "preprocessing/normalization_stats.json")
         tracking.log_dict(run_id, {"classes": list(CLASSES), "names": CLASS_NAMES}, "preprocessing/classes.json")
@@ -139,7 +154,12 @@ def _train(
 
 
 def evaluate(
-    name: str, model_file: Artifact, summary: Artifact, images: Artifact, split: Artifact, ws: Workspace,
+    name: str,
+    model_file: Artifact,
+    summary: Artifact,
+    images: Artifact,
+    split: Artifact,
+    ws: Workspace,
     cfg: EvaluateConfig,
 ) -> dict[str, Artifact]:
     """Metrics and predictions of one trained model on the validation and test splits."""
@@ -150,10 +170,13 @@ def evaluate(
     metrics: dict[str, dict] = {}
     tables = []
     figures = []
-    splits = dict(zip(("val", "test"), load_split_images(images, split, "val", "test")))
+    splits = dict(zip(("val", "test"), load_split_images(images, split, "val", "test"), strict=True))
     # Evaluation prints nothing else until it is done, which can take minutes on the full data.
-    print(f"evaluating {name} on {len(splits['val'][0])} val and {len(splits['test'][0])} test images "
-          f"({'with' if cfg.tta else 'no'} test-time augmentation, {cfg.bootstrap} bootstrap resamples)", flush=True)
+    print(
+        f"evaluating {name} on {len(splits['val'][0])} val and {len(splits['test'][0])} test images "
+        f"({'with' if cfg.tta else 'no'} test-time augmentation, {cfg.bootstrap} bootstrap resamples)",
+        flush=True,
+    )
     raw = {which: predict_proba(model, x, cfg.tta) for which, (x, _) in splits.items()}
     labels = {which: _labels(rows) for which, (_, rows) in splits.items()}
     decision = _decision_rule(cfg, read_csv(split), labels, raw)
@@ -169,15 +192,24 @@ def evaluate(
         label = f"{name}, {which} split ({len(y)} images)"
         plots.confusion_matrices(y, proba.argmax(axis=1), CLASSES, label, out / f"{which}_confusion.png")
         plots.roc_curves(y, proba, CLASSES, f"ROC one-vs-rest: {label}", out / f"{which}_roc.png")
-        plots.reliability_diagram(y, proba, f"Reliability: {label}, ECE {m['ece']:.3f}", out / f"{which}_reliability.png")
+        plots.reliability_diagram(
+            y, proba, f"Reliability: {label}, ECE {m['ece']:.3f}", out / f"{which}_reliability.png"
+        )
         plots.confident_mistakes(
-            x, table.true.tolist(), table.predicted.tolist(), proba.max(axis=1),
-            f"Most confident mistakes: {label}", out / f"{which}_mistakes.png",
+            x,
+            table.true.tolist(),
+            table.predicted.tolist(),
+            proba.max(axis=1),
+            f"Most confident mistakes: {label}",
+            out / f"{which}_mistakes.png",
         )
         figures += [f"{which}_{kind}.png" for kind in ("confusion", "roc", "reliability", "mistakes")]
     if cfg.temperature_scaling:
-        print(f"temperature scaling: T {decision['temperature']:.3f} (fitted on val log loss; val ECE "
-              f"{decision['raw_ece']['val']:.3f} -> {metrics['val']['ece']:.3f})", flush=True)
+        print(
+            f"temperature scaling: T {decision['temperature']:.3f} (fitted on val log loss; val ECE "
+            f"{decision['raw_ece']['val']:.3f} -> {metrics['val']['ece']:.3f})",
+            flush=True,
+        )
     write_json(out / "metrics.json", {**metrics, "decision": decision})
     write_csv(out / "predictions.csv", pd.concat(tables, ignore_index=True))
     run_id = json.loads(Path(summary.path).read_text()).get("run_id")
@@ -186,8 +218,14 @@ def evaluate(
         flat = {f"eval_{s}_{k}": v for s, m in metrics.items() for k, v in m.items() if isinstance(v, float)}
         for c, m in metrics["test"]["per_class"].items():
             flat.update({f"eval_test_{k}_{c}": m[k] for k in ("recall", "roc_auc") if k in m})
-        flat.update({f"eval_{s}_{k}_ci95_{end}": v for s, m in metrics.items() for k, ci in m["ci95"].items()
-                     for end, v in zip(("low", "high"), ci)})
+        flat.update(
+            {
+                f"eval_{s}_{k}_ci95_{end}": v
+                for s, m in metrics.items()
+                for k, ci in m["ci95"].items()
+                for end, v in zip(("low", "high"), ci, strict=True)
+            }
+        )
         flat["eval_prior_tau"] = decision["tau"]
         flat["eval_temperature"] = decision["temperature"]
         flat.update({f"eval_{s}_ece_raw": v for s, v in decision["raw_ece"].items()})
@@ -217,15 +255,29 @@ def _decision_rule(
     prior = split_rows[split_rows.split == "train"].dx.value_counts(normalize=True).reindex(CLASSES, fill_value=0)
     floor = cfg.min_balanced_accuracy
     tau, offsets, floor_met = tune_prior_correction(
-        labels["val"], adjust_probabilities(raw["val"], temperature), prior.to_numpy(), floor)
-    argmax = {which: {k: classification_metrics(labels[which], p)[k] for k in ("accuracy", "balanced_accuracy")}
-              for which, p in raw.items()}
+        labels["val"], adjust_probabilities(raw["val"], temperature), prior.to_numpy(), floor
+    )
+    argmax = {
+        which: {k: classification_metrics(labels[which], p)[k] for k in ("accuracy", "balanced_accuracy")}
+        for which, p in raw.items()
+    }
     objective = _objective(floor, floor_met)
-    print(f"prior correction: tau {tau:.2f}, {objective} (plain argmax: val accuracy "
-          f"{argmax['val']['accuracy']:.3f}, balanced accuracy {argmax['val']['balanced_accuracy']:.3f})", flush=True)
-    return {**rule, "prior_correction": True, "tau": tau, "offsets": [round(float(o), 6) for o in offsets],
-            "min_balanced_accuracy": floor, "floor_met": floor_met, "objective": objective,
-            "train_prior": {c: round(float(v), 6) for c, v in prior.items()}, "argmax": argmax}
+    print(
+        f"prior correction: tau {tau:.2f}, {objective} (plain argmax: val accuracy "
+        f"{argmax['val']['accuracy']:.3f}, balanced accuracy {argmax['val']['balanced_accuracy']:.3f})",
+        flush=True,
+    )
+    return {
+        **rule,
+        "prior_correction": True,
+        "tau": tau,
+        "offsets": [round(float(o), 6) for o in offsets],
+        "min_balanced_accuracy": floor,
+        "floor_met": floor_met,
+        "objective": objective,
+        "train_prior": {c: round(float(v), 6) for c, v in prior.items()},
+        "argmax": argmax,
+    }
 
 
 def _objective(floor: float | None, floor_met: bool) -> str:
@@ -274,16 +326,31 @@ def register(
         metrics = json.loads(Path(arts["metrics"].path).read_text())
         val_scores[name] = metrics["val"][reg.promotion_metric]
         uri = tracking.log_classifier(
-            summary["run_id"], Path(arts["model"].path), test_bytes[0], params.evaluate.tta,
-            metrics["decision"]["temperature"], metrics["decision"]["offsets"],
+            summary["run_id"],
+            Path(arts["model"].path),
+            test_bytes[0],
+            params.evaluate.tta,
+            metrics["decision"]["temperature"],
+            metrics["decision"]["offsets"],
         )
-        facts = {"architecture": name, "MLflow run": summary["run_id"], "git commit": git_commit,
-                 "params hash": params_hash, "data fingerprint": rel["fingerprint"]}
-        tags = {**facts, **{f"test_{k}": f"{metrics['test'][k]:.4f}" for k in
-                            ("accuracy", "balanced_accuracy", "macro_f1", "mel_sensitivity")}}
+        facts = {
+            "architecture": name,
+            "MLflow run": summary["run_id"],
+            "git commit": git_commit,
+            "params hash": params_hash,
+            "data fingerprint": rel["fingerprint"],
+        }
+        tags = {
+            **facts,
+            **{
+                f"test_{k}": f"{metrics['test'][k]:.4f}"
+                for k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_sensitivity")
+            },
+        }
         version = tracking.register(uri, reg.model_name, tags)
-        card = model_card.render(reg.model_name, version, summary, metrics, rel, table, facts,
-                                 params.train_for(name).ema_decay)
+        card = model_card.render(
+            reg.model_name, version, summary, metrics, rel, table, facts, params.train_for(name).ema_decay
+        )
         write_text(out / f"model_card_{name}.md", card)
         tracking.log_artifact(summary["run_id"], out / f"model_card_{name}.md", "model_card")
         tracking.describe_version(reg.model_name, version, card)
@@ -291,8 +358,12 @@ def register(
 
     best = max(val_scores, key=val_scores.get)
     tracking.set_alias(reg.model_name, "challenger", versions[best])
-    decision = {"challenger": {"model": best, "version": versions[best]}, "versions": versions,
-                "metric": reg.promotion_metric, "alpha": reg.alpha}
+    decision = {
+        "challenger": {"model": best, "version": versions[best]},
+        "versions": versions,
+        "metric": reg.promotion_metric,
+        "alpha": reg.alpha,
+    }
     champion = tracking.alias_version(reg.model_name, "champion")
     if champion is None:
         decision.update(promote=True, reason="no champion yet: the first model becomes champion")
@@ -305,19 +376,26 @@ def register(
         )
         index = {c: i for i, c in enumerate(CLASSES)}
         delta, p = paired_bootstrap(
-            y, new.map(index).to_numpy(), old.predicted.map(index).to_numpy(), test_rows.lesion_id.to_numpy(),
-            reg.promotion_metric, reg.bootstrap, params.split.seed,
+            y,
+            new.map(index).to_numpy(),
+            old.predicted.map(index).to_numpy(),
+            test_rows.lesion_id.to_numpy(),
+            reg.promotion_metric,
+            reg.bootstrap,
+            params.split.seed,
         )
         promote = delta > 0 and p < reg.alpha
         verdict = "beats" if promote else "does not beat"
         decision.update(
-            champion={"version": str(champion.version)}, delta=delta, p_value=p, promote=promote,
+            champion={"version": str(champion.version)},
+            delta=delta,
+            p_value=p,
+            promote=promote,
             reason=f"challenger v{versions[best]} {verdict} champion v{champion.version} on test "
-                   f"{reg.promotion_metric}: {delta:+.3f}, one-sided p={p:.3f} (alpha {reg.alpha})",
+            f"{reg.promotion_metric}: {delta:+.3f}, one-sided p={p:.3f} (alpha {reg.alpha})",
         )
     write_json(out / "decision.json", decision)
     if decision["promote"]:
         tracking.set_alias(reg.model_name, "champion", versions[best])  # last step
     print(f"registry: {decision['reason']}")
     return {"decision": Artifact.of(out / "decision.json")}
-

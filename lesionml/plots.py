@@ -29,7 +29,7 @@ def training_curves(history: pd.DataFrame, title: str, path: Path, best_epoch: i
     """Loss and accuracy per epoch, train vs validation (the seed notebook's plot), best epoch marked."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         ax.plot(history.epoch, history[metric], "o-", label=f"train {metric}")
         ax.plot(history.epoch, history[f"val_{metric}"], "o-", label=f"validation {metric}")
         if best_epoch:
@@ -49,10 +49,20 @@ def confusion_matrices(y_true, y_pred, classes, title: str, path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     labels = list(range(len(classes)))
-    for ax, normalize, fmt, name in ((axes[0], None, "d", "counts"), (axes[1], "true", ".2f", "row-normalised (recall)")):
+    for ax, normalize, fmt, name in (
+        (axes[0], None, "d", "counts"),
+        (axes[1], "true", ".2f", "row-normalised (recall)"),
+    ):
         ConfusionMatrixDisplay.from_predictions(
-            y_true, y_pred, labels=labels, display_labels=classes, normalize=normalize,
-            values_format=fmt, ax=ax, colorbar=False, cmap="Blues",
+            y_true,
+            y_pred,
+            labels=labels,
+            display_labels=classes,
+            normalize=normalize,
+            values_format=fmt,
+            ax=ax,
+            colorbar=False,
+            cmap="Blues",
         )
         ax.set_title(name)
     fig.suptitle(title)
@@ -99,7 +109,7 @@ def confident_mistakes(images, true, predicted, confidence, title: str, path: Pa
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.3), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, i in zip(axes.ravel(), order):
+    for ax, i in zip(axes.ravel(), order, strict=False):
         ax.imshow(images[i])
         ax.set_title(f"true {true[i]}, said {predicted[i]} ({confidence[i]:.2f})", fontsize=7)
     fig.suptitle(title)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import os
 import re
 import subprocess
@@ -80,8 +81,16 @@ def _network_failure(exc: BaseException) -> str | None:
     seen: BaseException | None = exc
     network = False
     while seen is not None:
-        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                             requests.exceptions.RetryError, ConnectionError, TimeoutError)):
+        if isinstance(
+            seen,
+            (
+                requests.exceptions.ConnectionError,
+                requests.exceptions.Timeout,
+                requests.exceptions.RetryError,
+                ConnectionError,
+                TimeoutError,
+            ),
+        ):
             network = True
         if network and isinstance(seen, OSError) and seen.errno:
             return os.strerror(seen.errno)
@@ -175,7 +184,7 @@ def connect(cfg: TrackingConfig) -> str:
             local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
             location = Path(cfg.artifacts).resolve().as_uri() if local else None
             return client.create_experiment(cfg.experiment, artifact_location=location)
-    except Exception as exc:  # mlflow raises many unrelated types for "cannot reach"
+    except Exception as exc:  # noqa: BLE001 - mlflow raises many unrelated types for "cannot reach"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(
             f"MLflow tracking store {redact(uri)} cannot be used ({redact(first[:200])}); "
@@ -183,7 +192,7 @@ def connect(cfg: TrackingConfig) -> str:
         ) from None
 
 
-def client() -> "MlflowClient":
+def client() -> MlflowClient:
     import mlflow
     from mlflow import MlflowClient
 
@@ -194,7 +203,13 @@ def git_commit(root: Path) -> str:
     """HEAD of the code that ran, '+dirty' when it had uncommitted changes; 'unknown' outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -215,9 +230,7 @@ def end_run(run_id: str, ok: bool = True) -> None:
 
 
 @_store_call
-def log_params(
-    run_id: str, params: Params, extra: dict[str, Any] | None = None, skip: tuple[str, ...] = ()
-) -> None:
+def log_params(run_id: str, params: Params, extra: dict[str, Any] | None = None, skip: tuple[str, ...] = ()) -> None:
     """Params are write-once in MLflow: `skip` leaves out sections that may change later in the run's life."""
     from mlflow.entities import Param
 
@@ -233,7 +246,7 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v == v]  # drop NaN
+    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if not math.isnan(float(v))]  # drop NaN
     if batch:
         client().log_batch(run_id, metrics=batch)
 
@@ -260,14 +273,14 @@ def log_dict(run_id: str, obj: Any, name: str) -> None:
     client().log_dict(run_id, obj, name)
 
 
-def model_summary(model: "keras.Model") -> str:
+def model_summary(model: keras.Model) -> str:
     buf = io.StringIO()
     model.summary(print_fn=lambda line, **_: buf.write(line + "\n"))
     return buf.getvalue()
 
 
 @_store_call
-def log_keras_model(run_id: str, model: "keras.Model", example: "np.ndarray") -> str:
+def log_keras_model(run_id: str, model: keras.Model, example: np.ndarray) -> str:
     """Log in MLflow's Keras flavor with signature and input example; returns the model URI."""
     import keras
     import mlflow
@@ -289,7 +302,11 @@ def log_keras_model(run_id: str, model: "keras.Model", example: "np.ndarray") ->
 
 @_store_call
 def log_classifier(
-    run_id: str, keras_file: Path, example_image: bytes, tta: bool, temperature: float = 1.0,
+    run_id: str,
+    keras_file: Path,
+    example_image: bytes,
+    tta: bool,
+    temperature: float = 1.0,
     offsets: list[float] | None = None,
 ) -> str:
     """Log the servable pyfunc (image bytes in, classes out) beside the Keras model; returns its URI.
@@ -311,7 +328,9 @@ def log_classifier(
     from lesionml.data.metadata import CLASSES
 
     example = pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]})
-    output = pd.DataFrame([{"predicted": "nv", "name": "Melanocytic nevi", "error": "", **{f"p_{c}": 0.0 for c in CLASSES}}])
+    output = pd.DataFrame(
+        [{"predicted": "nv", "name": "Melanocytic nevi", "error": "", **{f"p_{c}": 0.0 for c in CLASSES}}]
+    )
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="classifier",
@@ -326,7 +345,10 @@ def log_classifier(
             input_example=example,
             # The decoder's libraries, pinned: their scaling and resize are what the model was trained on.
             pip_requirements=[
-                f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}", "pillow", "pandas",
+                f"tensorflow-cpu=={tf.__version__}",
+                f"keras=={keras.__version__}",
+                "pillow",
+                "pandas",
                 *(f"{dist}=={version(dist)}" for dist in ("simplejpeg", "opencv-python-headless")),
             ],
         )

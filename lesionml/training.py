@@ -41,7 +41,14 @@ if TYPE_CHECKING:
     import keras
 
 HISTORY_COLUMNS = (
-    "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy", "learning_rate", "seconds"
+    "epoch",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "learning_rate",
+    "seconds",
 )
 EpochHook = Callable[[int, dict[str, float]], None]
 CHECKPOINT = "checkpoint.npz"
@@ -76,7 +83,7 @@ def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> dic
     raw = (len(labels) / (len(present) * counts)) ** power
     raw = raw / (raw * counts).sum() * len(labels)
     out = {int(c): 1.0 for c in range(n_classes)}
-    out.update({int(c): float(w) for c, w in zip(present, raw)})
+    out.update({int(c): float(w) for c, w in zip(present, raw, strict=True)})
     return out
 
 
@@ -122,17 +129,16 @@ class Checkpoint:
         self.path = folder / CHECKPOINT
 
     def save(
-        self, model: "keras.Model", best: list[np.ndarray], state: dict[str, Any], averages: list[np.ndarray]
+        self, model: keras.Model, best: list[np.ndarray], state: dict[str, Any], averages: list[np.ndarray]
     ) -> None:
         arrays = {f"m{i}": np.asarray(v) for i, v in enumerate(model.variables)}
         arrays |= {f"o{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)}
         arrays |= {f"b{i}": w for i, w in enumerate(best)}
         arrays |= {f"a{i}": w for i, w in enumerate(averages)}
-        with atomic_path(self.path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, state=np.asarray(json.dumps(state)), **arrays)
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, state=np.asarray(json.dumps(state)), **arrays)
 
-    def load(self, model: "keras.Model") -> tuple[list[np.ndarray], dict[str, Any], list[np.ndarray]] | None:
+    def load(self, model: keras.Model) -> tuple[list[np.ndarray], dict[str, Any], list[np.ndarray]] | None:
         """Restore model and optimizer in place; None if there is no usable checkpoint.
 
         Returns the best epoch's variables, the loop state and the weight averages (empty
@@ -170,7 +176,7 @@ class WeightAverage:
     steps use the live weights.
     """
 
-    def __init__(self, model: "keras.Model", decay: float, averages: list[np.ndarray], steps: int):
+    def __init__(self, model: keras.Model, decay: float, averages: list[np.ndarray], steps: int):
         self.variables = [v for v in model.variables if "float" in str(v.dtype)]
         self.decay = decay
         self.averages = averages or [np.array(v, dtype=np.float32) for v in self.variables]
@@ -178,7 +184,7 @@ class WeightAverage:
 
     def update(self) -> None:
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for average, variable in zip(self.averages, self.variables):
+        for average, variable in zip(self.averages, self.variables, strict=True):
             average *= decay
             average += (1 - decay) * np.asarray(variable)
         self.steps += 1
@@ -187,12 +193,12 @@ class WeightAverage:
     def applied(self) -> Iterator[None]:
         """The model holds the averages inside the block, its live weights again after it."""
         live = [np.array(v) for v in self.variables]
-        for variable, average in zip(self.variables, self.averages):
+        for variable, average in zip(self.variables, self.averages, strict=True):
             variable.assign(average)
         try:
             yield
         finally:
-            for variable, weights in zip(self.variables, live):
+            for variable, weights in zip(self.variables, live, strict=True):
                 variable.assign(weights)
 
 
@@ -214,7 +220,7 @@ def _improved(monitor: str, value: float, best: float | None) -> bool:
 
 
 def fit(
-    model: "keras.Model",
+    model: keras.Model,
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
     cfg: TrainConfig,
@@ -246,10 +252,21 @@ def fit(
         print(f"resuming after epoch {state['epoch']} from {checkpoint.path}")
     else:
         best_weights, averages = [np.asarray(v) for v in model.variables], []
-        state = {"epoch": 0, "best": None, "best_epoch": 0, "wait": 0, "plateau_wait": 0,
-                 "plateau_lr": cfg.learning_rate, "rows": [], "wall_seconds": 0.0, "averaged_steps": 0}
+        state = {
+            "epoch": 0,
+            "best": None,
+            "best_epoch": 0,
+            "wait": 0,
+            "plateau_wait": 0,
+            "plateau_lr": cfg.learning_rate,
+            "rows": [],
+            "wall_seconds": 0.0,
+            "averaged_steps": 0,
+        }
     average = WeightAverage(model, cfg.ema_decay, averages, state["averaged_steps"]) if cfg.ema_decay else None
-    callbacks = [keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: average.update())] if average else []
+    callbacks = (
+        [keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: average.update())] if average else []
+    )
     weight_of = class_weights(train[1], n_classes, cfg.class_weight_power)
     sample_weights = np.array([weight_of[int(c)] for c in train[1]], dtype=np.float32)
     val_ds = make_dataset(val[0], batch_size=cfg.batch_size)
@@ -263,8 +280,13 @@ def fit(
         model.optimizer.learning_rate.assign(lr)
         seed = epoch_seed(cfg.seed, epoch)
         train_ds = make_dataset(
-            train[0], train[1], cfg.batch_size, n_classes=n_classes, sample_weights=sample_weights,
-            augment=augment, seed=seed,
+            train[0],
+            train[1],
+            cfg.batch_size,
+            n_classes=n_classes,
+            sample_weights=sample_weights,
+            augment=augment,
+            seed=seed,
         )
         tick = time.perf_counter()
         # The dataset shuffles; the callbacks average the weights.
@@ -276,8 +298,14 @@ def fit(
             improved = _improved(cfg.monitor, value, state["best"])
             if improved:
                 best_weights = [np.array(v) for v in model.variables]
-        row = {"epoch": epoch + 1, "loss": float(logs["loss"][0]), "accuracy": float(logs["accuracy"][0]),
-               **val_metrics, "learning_rate": lr, "seconds": seconds}
+        row = {
+            "epoch": epoch + 1,
+            "loss": float(logs["loss"][0]),
+            "accuracy": float(logs["accuracy"][0]),
+            **val_metrics,
+            "learning_rate": lr,
+            "seconds": seconds,
+        }
         if improved:
             state.update(best=value, best_epoch=epoch + 1, wait=0, plateau_wait=0)
         else:
@@ -301,7 +329,7 @@ def fit(
         )
         for hook in hooks:
             hook(epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
-    for v, w in zip(model.variables, best_weights):
+    for v, w in zip(model.variables, best_weights, strict=True):
         v.assign(w)
     with atomic_path(out_model.with_suffix(".keras")) as tmp:
         keras_tmp = tmp.with_suffix(".keras")  # Keras insists on the suffix

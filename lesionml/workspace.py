@@ -86,8 +86,7 @@ class Workspace:
         with -9 leaves no stale lock behind, and the file's content is only a label.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        fh = open(self.lock_file, "a+", encoding="utf-8")
-        try:
+        with open(self.lock_file, "a+", encoding="utf-8") as fh:  # closing it releases the lock
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -102,8 +101,6 @@ class Workspace:
             fh.write(json.dumps({"pid": os.getpid(), "run": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
             fh.flush()
             yield
-        finally:
-            fh.close()  # releases the lock
 
     @contextlib.contextmanager
     def rollback_on(self, *errors: type[BaseException]) -> Iterator[None]:

@@ -77,4 +77,3 @@ def run_stage(task: Task, workspace: Path, /, **inputs: Any) -> tuple[dict[str, 
         artifacts = {k: Artifact(**v) for k, v in state.result().items()}
         cached = False
     return artifacts, cached
-

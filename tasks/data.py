@@ -24,7 +24,11 @@ def ingest(source_dir: str, signature: str, workspace: str, max_archive_bytes: i
     return as_dicts(stages.ingest(Path(source_dir), ws, max_archive_bytes))
 
 
-@task(name="preprocess", cache_key_fn=stage_cache_key(images, metadata, stages.preprocess, stages.write_csv, stages.read_csv), **_RETRY)
+@task(
+    name="preprocess",
+    cache_key_fn=stage_cache_key(images, metadata, stages.preprocess, stages.write_csv, stages.read_csv),
+    **_RETRY,
+)
 def preprocess(manifest: dict, workspace: str, data: dict, workers: int) -> dict:
     cfg = DataConfig(**{**data, "workers": workers})
     n = len(pd.read_csv(manifest["path"], usecols=["image_id"]))

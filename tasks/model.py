@@ -33,8 +33,16 @@ def _train_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 @task(
     name="train",
     cache_key_fn=stage_cache_key(
-        model_stages.train, model_stages._train, model_stages._labels, stages.load_split_images, stages.read_stats,
-        augment, models, training, *models.modules(), select=_train_key_inputs
+        model_stages.train,
+        model_stages._train,
+        model_stages._labels,
+        stages.load_split_images,
+        stages.read_stats,
+        augment,
+        models,
+        training,
+        *models.modules(),
+        select=_train_key_inputs,
     ),
     retries=1,
     retry_delay_seconds=10,
@@ -58,8 +66,15 @@ def train(
 @task(
     name="evaluate",
     cache_key_fn=stage_cache_key(
-        model_stages.evaluate, model_stages._decision_rule, model_stages._labels, stages.load_split_images,
-        evaluation, plots, inference.predict_proba, inference.adjust_probabilities, inference.log_probabilities,
+        model_stages.evaluate,
+        model_stages._decision_rule,
+        model_stages._labels,
+        stages.load_split_images,
+        evaluation,
+        plots,
+        inference.predict_proba,
+        inference.adjust_probabilities,
+        inference.log_probabilities,
     ),
     retries=1,
     retry_condition_fn=retry_transient,
@@ -88,7 +103,9 @@ def _register_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 @task(
     name="register",
     cache_key_fn=stage_cache_key(model_stages.register, model_card, select=_register_key_inputs),
-    retries=1, retry_condition_fn=retry_transient)
+    retries=1,
+    retry_condition_fn=retry_transient,
+)
 def register(
     models: dict, manifest_csv: dict, release_json: dict, split_csv: dict, workspace: str, params: dict, git_commit: str
 ) -> dict:

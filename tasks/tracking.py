@@ -9,7 +9,12 @@ from lesionml import tracking
 from lesionml.config import TrackingConfig
 
 
-@task(name="connect-tracking", retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
+@task(
+    name="connect-tracking",
+    retries=4,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_jitter_factor=0.5,
+)
 def connect(cfg: dict) -> str:
     """Experiment id of the store; retried with backoff (5, 10, 20, 40 s) while it is unreachable.
 

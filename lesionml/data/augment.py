@@ -53,7 +53,7 @@ def describe(cfg: AugmentConfig) -> dict:
     return {"params": cfg.model_dump(mode="json"), "transformations": transformations(cfg)}
 
 
-def augment_batch(images: "tf.Tensor", seed: "tf.Tensor", cfg: AugmentConfig) -> "tf.Tensor":
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, cfg: AugmentConfig) -> tf.Tensor:
     """Random views of a float32 batch (B, H, W, 3) of 0-255 pixels; `seed` is two int64s.
 
     Each image gets its own flips, rotation in [-r, r] degrees, zoom in [1-z, 1+z], shift of
@@ -88,8 +88,12 @@ def augment_batch(images: "tf.Tensor", seed: "tf.Tensor", cfg: AugmentConfig) ->
         axis=1,
     )
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=matrix, output_shape=tf.shape(images)[1:3], fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="REFLECT",
+        images=images,
+        transforms=matrix,
+        output_shape=tf.shape(images)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
     )
     if cfg.contrast:
         factor = uniform(6, 1 - cfg.contrast, 1 + cfg.contrast)[:, None, None, None]
@@ -109,7 +113,7 @@ def make_dataset(
     sample_weights: np.ndarray | None = None,
     augment: AugmentConfig | None = None,
     seed: int | None = None,
-) -> "tf.data.Dataset":
+) -> tf.data.Dataset:
     """uint8 images -> batches of float32 pixels (0-255), in a fixed order or shuffled by `seed`.
 
     Yields `x` alone when there are no labels (prediction), else `(x, y)` (y one-hot when
@@ -150,15 +154,12 @@ def make_dataset(
     return ds.with_options(options)
 
 
-def write_preview(
-    path: Path, images: np.ndarray, captions: Sequence[str], cfg: AugmentConfig
-) -> None:
+def write_preview(path: Path, images: np.ndarray, captions: Sequence[str], cfg: AugmentConfig) -> None:
     """A grid: each row one training image, then VARIANTS_PER_IMAGE augmented views of it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import tensorflow as tf
 
     rows = len(images)

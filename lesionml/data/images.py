@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import cv2
+import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
@@ -167,9 +167,8 @@ def load_images(
 
 def save_image_array(path: Path, images: np.ndarray, image_ids: Sequence[str]) -> None:
     """One file holding pixels and ids together, so they can never get out of step."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, images=images, image_ids=np.asarray(image_ids, dtype=str))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, images=images, image_ids=np.asarray(image_ids, dtype=str))
 
 
 def image_array_shape(path: Path | str) -> tuple[int, ...]:

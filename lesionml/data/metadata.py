@@ -70,9 +70,7 @@ def read_metadata(path: Path) -> pd.DataFrame:
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns) or 'none'}"
-        )
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns) or 'none'}")
     if df.empty:
         raise DataError(f"{path}: has a header but no rows")
     df = df[list(REQUIRED_COLUMNS)].apply(lambda s: s.str.strip())

@@ -22,7 +22,7 @@ class NormStats:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NormStats":
+    def from_dict(cls, d: dict) -> NormStats:
         return cls(tuple(d["mean"]), tuple(d["std"]), int(d["n_images"]))
 
     def apply(self, images: np.ndarray) -> np.ndarray:
@@ -42,4 +42,4 @@ def fit_stats(train_images: np.ndarray, chunk: int = 1024) -> NormStats:
     n = train_images.shape[0] * train_images.shape[1] * train_images.shape[2]
     mean = total / n
     std = np.sqrt(np.maximum(total_sq / n - mean**2, 1e-12))
-    return NormStats(tuple(float(x) for x in mean), tuple(float(x) for x in std), int(len(train_images)))
+    return NormStats(tuple(float(x) for x in mean), tuple(float(x) for x in std), len(train_images))

@@ -19,6 +19,7 @@ import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Self
 
 import pandas as pd
 
@@ -39,7 +40,6 @@ class ImageLocation:
         return f"{self.file}:{self.member}" if self.member else self.file
 
 
-
 class ImageReader:
     """Reads image bytes by (file, zip member), opening each archive once, not once per image.
 
@@ -49,7 +49,7 @@ class ImageReader:
     def __init__(self) -> None:
         self._archives: dict[str, zipfile.ZipFile] = {}
 
-    def __enter__(self) -> "ImageReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -101,7 +101,9 @@ def _zip_images(archive: Path, max_bytes: int) -> dict[str, ImageLocation]:
                 continue
             found.setdefault(name.stem, ImageLocation(str(archive), info.filename))
             if found[name.stem].member != info.filename:
-                raise DataError(f"{archive}: image {name.stem} appears twice ({found[name.stem].member}, {info.filename})")
+                raise DataError(
+                    f"{archive}: image {name.stem} appears twice ({found[name.stem].member}, {info.filename})"
+                )
         return found
 
 
@@ -143,7 +145,7 @@ def source_signature(source: Path) -> str:
 def _hash_images(manifest: pd.DataFrame) -> list[str]:
     digests: list[str] = []
     with ImageReader() as reader:
-        for file, member in zip(manifest.file, manifest.member):
+        for file, member in zip(manifest.file, manifest.member, strict=True):
             data = reader.read(file, member)
             if not data:
                 raise DataError(f"{file}{':' + member if member else ''}: image file is empty (0 bytes)")

@@ -58,11 +58,13 @@ def ingest(source: Path, ws: Workspace, max_archive_bytes: int) -> dict[str, Art
     return out
 
 
-def preprocess(manifest: Artifact, ws: Workspace, cfg: DataConfig, progress: Progress | None = None) -> dict[str, Artifact]:
+def preprocess(
+    manifest: Artifact, ws: Workspace, cfg: DataConfig, progress: Progress | None = None
+) -> dict[str, Artifact]:
     """Clean metadata and decode every image to cfg.image_size, in manifest order."""
     table = read_csv(manifest)
     metadata = clean_metadata(table)
-    locations = list(zip(table.file, table.member))
+    locations = list(zip(table.file, table.member, strict=True))
     images = load_images(locations, tuple(cfg.image_size), cfg.max_image_pixels, cfg.workers, progress)
     save_image_array(ws.images, images, metadata.image_id.tolist())
     return {"metadata": write_csv(ws.metadata, metadata), "images": Artifact.of(ws.images)}

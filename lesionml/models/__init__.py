@@ -37,7 +37,7 @@ def modules() -> tuple:
 
 def build_model(
     name: str, cfg: Any, image_size: tuple[int, int], stats: NormStats, n_classes: int, precision: str = "float32"
-) -> "keras.Model":
+) -> keras.Model:
     """Build under dtype policy `precision`: each layer keeps the policy it was built with,
     in training and in the saved model, so the global policy is restored straight after."""
     import keras
@@ -53,16 +53,19 @@ def build_model(
         keras.config.set_dtype_policy(previous)
 
 
-def normalization_layer(stats: NormStats) -> "keras.layers.Layer":
+def normalization_layer(stats: NormStats) -> keras.layers.Layer:
     import keras
 
     return keras.layers.Normalization(
-        axis=-1, mean=list(stats.mean), variance=[s * s for s in stats.std], name="zscore_train_stats",
+        axis=-1,
+        mean=list(stats.mean),
+        variance=[s * s for s in stats.std],
+        name="zscore_train_stats",
         dtype="float32",
     )
 
 
-def conv_block(index: int, filters: int, convs: int, kernel_size: int, dropout: float) -> list["keras.layers.Layer"]:
+def conv_block(index: int, filters: int, convs: int, kernel_size: int, dropout: float) -> list[keras.layers.Layer]:
     """The layers of conv block `index`: `convs` ReLU convs, 2x2 max pool, batch norm, dropout.
 
     Batch norm comes after the pool, on a quarter of the values. Its per-channel affine map
@@ -75,8 +78,10 @@ def conv_block(index: int, filters: int, convs: int, kernel_size: int, dropout: 
     from keras import layers
 
     return [
-        *(layers.Conv2D(filters, kernel_size, padding="same", activation="relu", name=f"b{index}_conv{c}")
-          for c in range(convs)),
+        *(
+            layers.Conv2D(filters, kernel_size, padding="same", activation="relu", name=f"b{index}_conv{c}")
+            for c in range(convs)
+        ),
         layers.MaxPooling2D(2, name=f"b{index}_pool"),
         layers.BatchNormalization(name=f"b{index}_bn"),
         layers.Dropout(dropout, name=f"b{index}_dropout"),

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import SAMPLE, build_release, whole_lesion_rows, write_params
 
+from cli.main import main
 from flows.pipeline import pipeline
-from lesionml.cli import main
 from lesionml.config import load_params
 from lesionml.data.source import build_manifest, release_fingerprint
+from tests.helpers import SAMPLE, build_release, whole_lesion_rows, write_params
 
 pytestmark = pytest.mark.integration
 STAGES = ("ingest", "preprocess", "split", "normalize", "augment")
@@ -95,7 +95,7 @@ def test_changed_image_is_a_new_data_version(tmp_path):
     assert first["cached"] == {"ingest": False}
     before = _fingerprint(first)
     assert pipeline(params_file=str(params), until="ingest")["cached"] == {"ingest": True}
-    victim = sorted(src.glob("*.jpg"))[0]
+    victim = min(src.glob("*.jpg"))
     victim.write_bytes(victim.read_bytes() + b"\0")
     changed = pipeline(params_file=str(params), until="ingest")
     assert changed["cached"] == {"ingest": False}
@@ -126,7 +126,7 @@ def test_cli_run_only_data_prints_the_summary(release, tmp_path, capsys):
 def broken_release(tmp_path) -> tuple[Path, str]:
     """A release whose CSV names an image that is not there."""
     src = build_release(tmp_path / "broken", whole_lesion_rows(20), "flat")
-    gone = sorted(src.glob("*.jpg"))[0]
+    gone = min(src.glob("*.jpg"))
     gone.unlink()
     return src, gone.stem
 
@@ -156,8 +156,13 @@ def test_cli_ingest_of_a_broken_release_prints_no_traceback(broken_release, tmp_
     params = write_params(tmp_path / "project", tmp_path / "not-this-one")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     done = subprocess.run(
-        [sys.executable, "-m", "lesionml.cli", "ingest", "--source", str(src), "--params", str(params)],
-        env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+        [sys.executable, "-m", "cli.main", "ingest", "--source", str(src), "--params", str(params)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        check=False,
     )
     assert done.returncode == 1, done.stderr[-2000:]
     assert _expected_error(broken_release) in done.stderr.splitlines()

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, SAMPLE, write_params
+
+from tests.helpers import ROOT, SAMPLE, write_params
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,11 @@ def full_run(tmp_path_factory):
     models["cnn"].update(filters=[8, 16], dense_units=16)
     models["cnn_lstm"].update(filters=[8, 16], lstm_units=8, dense_units=8, train={"epochs": 1})  # its own schedule
     params_file = write_params(
-        tmp, SAMPLE, data={"image_size": [32, 40]}, train={"epochs": 2, "batch_size": 32}, models=models,
+        tmp,
+        SAMPLE,
+        data={"image_size": [32, 40]},
+        train={"epochs": 2, "batch_size": 32},
+        models=models,
         # A 2-epoch model on 32x40 images misses the default balanced-accuracy floor, which means plain
         # argmax and zero offsets; without the floor tau is tuned for balanced accuracy, so serving is
         # tested with real offsets (the floor's choice is unit-tested in test_evaluation).
@@ -37,8 +42,16 @@ def full_run(tmp_path_factory):
 def test_every_stage_ran_then_everything_was_cached(full_run):
     _, first, second = full_run
     assert set(first["cached"]) == {
-        "ingest", "preprocess", "split", "normalize", "augment",
-        "train.cnn", "evaluate.cnn", "train.cnn_lstm", "evaluate.cnn_lstm", "register",
+        "ingest",
+        "preprocess",
+        "split",
+        "normalize",
+        "augment",
+        "train.cnn",
+        "evaluate.cnn",
+        "train.cnn_lstm",
+        "evaluate.cnn_lstm",
+        "register",
     }
     assert not any(first["cached"].values())
     assert all(second["cached"].values()), second["cached"]
@@ -58,9 +71,7 @@ def test_mlflow_records_parent_and_nested_model_runs(full_run):
     assert parent.data.tags["lesionml.all_cached"] == "false"
     assert client.get_run(second["mlflow_run_id"]).data.tags["lesionml.all_cached"] == "true"
 
-    children = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
-    )
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in children) == ["cnn", "cnn_lstm"]
     for run in children:
         summary = json.loads(Path(first["artifacts"][f"train.{run.info.run_name}.summary"]["path"]).read_text())
@@ -71,8 +82,15 @@ def test_mlflow_records_parent_and_nested_model_runs(full_run):
         assert [m.step for m in history] == list(range(1, summary["epochs_run"] + 1))
         for metric in ("loss", "accuracy", "val_accuracy", "learning_rate"):
             assert len(client.get_metric_history(run.info.run_id, metric)) == summary["epochs_run"]
-        for metric in ("eval_test_accuracy", "eval_test_balanced_accuracy", "eval_val_macro_f1", "eval_test_recall_mel",
-                       "eval_test_roc_auc_mel", "eval_test_ece", "eval_test_balanced_accuracy_ci95_low"):
+        for metric in (
+            "eval_test_accuracy",
+            "eval_test_balanced_accuracy",
+            "eval_val_macro_f1",
+            "eval_test_recall_mel",
+            "eval_test_roc_auc_mel",
+            "eval_test_ece",
+            "eval_test_balanced_accuracy_ci95_low",
+        ):
             assert metric in run.data.metrics
         assert run.data.tags["evaluate.prior_correction"] == "true"
         assert not [k for k in run.data.params if k.startswith("evaluate.")], "evaluation settings are tags"
@@ -104,7 +122,7 @@ def test_workspace_model_file_is_complete_and_metrics_written(full_run):
 def test_registry_has_versions_with_tags_card_and_aliases(full_run):
     from mlflow import MlflowClient
 
-    params, first, second = full_run
+    params, first, _second = full_run
     client = MlflowClient(params["tracking"]["uri"])
     name = params["registry"]["model_name"]
     versions = client.search_model_versions(f"name = '{name}'")
@@ -174,9 +192,9 @@ def test_champion_moves_only_on_a_significant_win(full_run, tmp_path):
 
 
 def test_predict_cli_good_and_bad_files(full_run, tmp_path, capsys):
-    from lesionml.cli import main
+    from cli.main import main
 
-    params, first, _ = full_run
+    _params, first, _ = full_run
     params_file = str(Path(first["workspace"]).parent / "params.yaml")
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -211,20 +229,40 @@ def test_served_model_answers_over_http(full_run, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     bin_dir = Path(sys.executable).parent  # mlflow starts `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": params["tracking"]["uri"], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": params["tracking"]["uri"],
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
     proc = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{params['registry']['model_name']}@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(bin_dir / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{params['registry']['model_name']}@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        image = sorted((SAMPLE / "images").glob("*.jpg"))[0].read_bytes()
+        image = min((SAMPLE / "images").glob("*.jpg")).read_bytes()
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}})
         deadline = time.monotonic() + 120
         while True:
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations",
+                    data=body.encode(),
+                    headers={"Content-Type": "application/json"},
+                )
                 with urllib.request.urlopen(req, timeout=30) as r:
                     answer = json.loads(r.read())
                 break
@@ -243,7 +281,7 @@ def test_served_model_answers_over_http(full_run, tmp_path):
 def test_compare_prints_and_logs_the_table(full_run, capsys):
     from mlflow import MlflowClient
 
-    from lesionml.cli import main
+    from cli.main import main
 
     params, first, _ = full_run
     params_file = str(Path(first["workspace"]).parent / "params.yaml")

@@ -13,15 +13,15 @@ import subprocess
 import sys
 import time
 import urllib.error
-from datetime import datetime
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, write_params
 
 from flows.local_api import LocalAPI
 from lesionml.errors import LesionMLError
+from tests.helpers import SAMPLE, write_params
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -42,7 +42,9 @@ def _api(url: str, path: str, body: dict | None = None, method: str = "POST", at
     """
     data = None if method in ("GET", "DELETE") else json.dumps(body or {}).encode()
     for attempt in range(attempts):
-        req = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, method=method)
+        req = urllib.request.Request(
+            f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, method=method
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
                 body = r.read()
@@ -61,7 +63,11 @@ def test_data_flow_runs_against_a_real_server(prefect_server, tmp_path):
     params = write_params(tmp_path, SAMPLE)
     done = subprocess.run(
         [str(BIN / "lesionml"), "run", "--only", "data", "--params", str(params)],
-        env=_client_env(prefect_server, tmp_path), capture_output=True, text=True, timeout=300,
+        env=_client_env(prefect_server, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Starting temporary server" not in done.stderr + done.stdout
@@ -77,8 +83,14 @@ def test_cli_launches_its_own_temporary_server_and_stops_it_after_the_last_log_l
     home = tmp_path / "prefect-home"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([str(BIN / "lesionml"), "run", "--only", "data", "--params", str(params)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "lesionml"), "run", "--only", "data", "--params", str(params)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     out = done.stderr + done.stdout
     assert done.returncode == 0, out[-2000:]
     assert "Starting temporary server" not in out  # Prefect did not start a second one of its own
@@ -102,8 +114,14 @@ def test_an_api_url_from_the_active_profile_wins_over_the_temporary_server(prefe
     profiles.write_text(f'active = "remote"\n\n[profiles.remote]\nPREFECT_API_URL = "{prefect_server}"\n')
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "client-home"), "PREFECT_PROFILES_PATH": str(profiles)}
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([str(BIN / "lesionml"), "run", "--only", "data", "--params", str(params)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "lesionml"), "run", "--only", "data", "--params", str(params)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "temporary server" not in (done.stderr + done.stdout).lower()
     runs = [r for r in _api(prefect_server, "/flow_runs/filter") if r["parameters"].get("params_file") == str(params)]
@@ -112,10 +130,14 @@ def test_an_api_url_from_the_active_profile_wins_over_the_temporary_server(prefe
 
 def test_a_temporary_server_that_cannot_start_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
-    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/dir/prefect.db")
+    monkeypatch.setenv(
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/dir/prefect.db"
+    )
     api = LocalAPI()
     try:
-        with pytest.raises(LesionMLError, match=r"temporary server \(port \d+\) exited with code 3 before it was ready"):
+        with pytest.raises(
+            LesionMLError, match=r"temporary server \(port \d+\) exited with code 3 before it was ready"
+        ):
             api.wait(timeout=120)
     finally:
         api.stop()
@@ -135,13 +157,17 @@ def _logs(server: str, run_id: str, expect: str = "") -> str:
 
 def _auto_runs(server: str, deployment_id: str) -> list[dict]:
     """The deployment's runs that the server's scheduler created, oldest tick first."""
-    runs = _api(server, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment_id]}},
-                                             "sort": "EXPECTED_START_TIME_ASC"})
+    runs = _api(
+        server,
+        "/flow_runs/filter",
+        {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC"},
+    )
     return [r for r in runs if r["auto_scheduled"]]
 
 
-def _wait_for_finished_auto_runs(server: str, deployment_id: str, n: int, serve: subprocess.Popen, log: Path,
-                                 timeout: float = 600) -> list[dict]:
+def _wait_for_finished_auto_runs(
+    server: str, deployment_id: str, n: int, serve: subprocess.Popen, log: Path, timeout: float = 600
+) -> list[dict]:
     """Wait, touching nothing, until the scheduler's first `n` runs have finished."""
     deadline = time.monotonic() + timeout
     while True:
@@ -162,8 +188,13 @@ def test_the_servers_own_scheduler_fires_the_deployment_which_retrains_then_stop
     with served_log.open("w") as out:
         serve = subprocess.Popen(
             [str(BIN / "lesionml"), "schedule", "--interval", str(interval), "--params", str(params)],
-            env={**_client_env(prefect_server, tmp_path), "PREFECT_LOGGING_LEVEL": "INFO"},  # the runs' prints reach the API
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={
+                **_client_env(prefect_server, tmp_path),
+                "PREFECT_LOGGING_LEVEL": "INFO",
+            },  # the runs' prints reach the API
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 120

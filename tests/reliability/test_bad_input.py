@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import METADATA, SAMPLE, sample_metadata, write_params
 from PIL import Image
 
-from lesionml.cli import main
+from cli.main import main
 from lesionml.data.images import load_image_array
+from tests.helpers import METADATA, SAMPLE, sample_metadata, write_params
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +103,7 @@ def _build_good_release(dest: Path, rows: pd.DataFrame) -> dict[str, str]:
     """
     dest.mkdir(parents=True)
     (dest / METADATA).write_bytes(BOM + rows.to_csv(index=False).encode("utf-8"))
-    awkward = dict(zip(AWKWARD, rows.image_id))
+    awkward = dict(zip(AWKWARD, rows.image_id, strict=False))
     for image_id in rows.image_id:
         shutil.copy2(SAMPLE / "images" / f"{image_id}.jpg", dest / f"{image_id}.jpg")
     for kind, image_id in awkward.items():
@@ -175,8 +175,13 @@ def test_good_release_with_bom_csv_and_awkward_images_runs(project):
         assert check(pixels[list(ids).index(image_id)]), f"{kind} image {image_id} decoded wrongly"
     manifest = pd.read_csv(project.workspace / "ingest" / "manifest.csv")
     assert list(manifest.columns[:2]) == ["lesion_id", "image_id"]
-    for path in ("ingest/manifest.csv", "preprocess/images.npz", "split/split.csv", "normalize/stats.json",
-                 "augment/preview.png"):
+    for path in (
+        "ingest/manifest.csv",
+        "preprocess/images.npz",
+        "split/split.csv",
+        "normalize/stats.json",
+        "augment/preview.png",
+    ):
         assert path in project.baseline, path
 
 
@@ -358,7 +363,7 @@ def _huge_image(src: Path) -> dict:
 def _zipped(src: Path) -> None:
     """The release's images moved into the two official zips."""
     images = sorted(p for p in src.iterdir() if p.name != METADATA)
-    for name, part in zip(PARTS, (images[: len(images) // 2], images[len(images) // 2 :])):
+    for name, part in zip(PARTS, (images[: len(images) // 2], images[len(images) // 2 :]), strict=False):
         with zipfile.ZipFile(src / name, "w", zipfile.ZIP_STORED) as zf:
             for p in part:
                 zf.write(p, p.name)
@@ -476,6 +481,7 @@ CASES = [
     Case("zip-corrupt", _corrupt_zip, "{zip}: not a readable zip archive (…)"),
 ]
 
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_broken_release_is_refused(project, case, tmp_path, capsys, caplog):
     src = tmp_path / "release"
@@ -507,8 +513,10 @@ PARAM_CASES = [
         "wrong-type",
         None,
         ("split.seed=seven",),
-        "{params} with --set split.seed=seven: split.seed: Input should be a valid integer, "
-        "unable to parse string as an integer (got 'seven')",
+        (
+            "{params} with --set split.seed=seven: split.seed: Input should be a valid integer, "
+            "unable to parse string as an integer (got 'seven')"
+        ),
     ),
     (
         "negative-epochs",
@@ -526,8 +534,10 @@ PARAM_CASES = [
         "unknown-model",
         None,
         ("models.enabled=[cnn, resnet50]",),
-        "{params} with --set models.enabled=[cnn, resnet50]: models: unknown model 'resnet50'; "
-        "known models: cnn, cnn_lstm",
+        (
+            "{params} with --set models.enabled=[cnn, resnet50]: models: unknown model 'resnet50'; "
+            "known models: cnn, cnn_lstm"
+        ),
     ),
 ]
 

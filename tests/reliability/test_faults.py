@@ -22,7 +22,6 @@ import codecs
 import contextlib
 import errno
 import hashlib
-import importlib.util
 import json
 import os
 import queue
@@ -34,33 +33,29 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
+from tests.helpers import ROOT, SAMPLE, build_release, sample_metadata, whole_lesion_rows, write_params
+
 pytestmark = pytest.mark.integration
 
 
-def _shared_helpers():
-    """tests/conftest.py's helpers, loaded by path: `from conftest import ...` resolves to the
-    most recently collected conftest, which may be a tests/reliability/conftest.py."""
-    spec = importlib.util.spec_from_file_location("_lesionml_shared_test_helpers", Path(__file__).parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_h = _shared_helpers()
-ROOT, SAMPLE, write_params, build_release, whole_lesion_rows, sample_metadata = (
-    _h.ROOT, _h.SAMPLE, _h.write_params, _h.build_release, _h.whole_lesion_rows, _h.sample_metadata
-)
 BIN = Path(sys.executable).parent
 EPOCHS = 3
 DATA_STAGE_FILES = (
-    "ingest/manifest.csv", "ingest/release.json", "preprocess/metadata.csv", "preprocess/images.npz",
-    "split/split.csv", "normalize/stats.json", "augment/spec.json", "augment/preview.png",
+    "ingest/manifest.csv",
+    "ingest/release.json",
+    "preprocess/metadata.csv",
+    "preprocess/images.npz",
+    "split/split.csv",
+    "normalize/stats.json",
+    "augment/spec.json",
+    "augment/preview.png",
 )
 
 
@@ -144,10 +139,10 @@ class Run:
     """`lesionml run` in its own process session; its output (stdout + stderr, split on
     newlines and tqdm's carriage returns) is read as it comes by a thread."""
 
-    live: list[Run] = []
+    live: ClassVar[list[Run]] = []
 
     def __init__(self, params: Path, *args: str, env: dict[str, str], name: str = "run"):
-        cmd = [sys.executable, "-m", "lesionml.cli", "run", "--params", str(params), *args]
+        cmd = [sys.executable, "-m", "cli.main", "run", "--params", str(params), *args]
         self.log = params.parent / f"{name}.log"  # the whole output, for a post-mortem
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -193,7 +188,9 @@ class Run:
                 break
             if line is None:
                 self._queue.put(None)  # later waits see the end too
-                pytest.fail(f"run ended (exit {self.proc.wait()}) before printing {pattern!r}; output ends:\n{self.tail()}")
+                pytest.fail(
+                    f"run ended (exit {self.proc.wait()}) before printing {pattern!r}; output ends:\n{self.tail()}"
+                )
             if rx.search(line):
                 return line
         pytest.fail(f"no line matching {pattern!r} within {timeout} s; output ends:\n{self.tail()}")
@@ -233,8 +230,13 @@ def base(tmp_path_factory) -> Path:
 def default_env(base) -> dict[str, str]:
     """`lesionml run` out of the box: a temporary Prefect server per process, in a Prefect home
     shared by every run of this module, as one user's ~/.prefect would be."""
-    env = {**os.environ, "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(base / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)  # each project here names its own store
     env.pop("PREFECT_API_URL", None)
     return env
@@ -271,8 +273,9 @@ def reference(base, server_env):
     b_rc = b.finish(timeout=300)
     a_running_when_b_ended = a.proc.poll() is None
     a_rc = a.finish(timeout=600)
-    return SimpleNamespace(params=params, ws=ws, a=a, a_rc=a_rc, b=b, b_rc=b_rc,
-                           a_running_when_b_ended=a_running_when_b_ended)
+    return SimpleNamespace(
+        params=params, ws=ws, a=a, a_rc=a_rc, b=b, b_rc=b_rc, a_running_when_b_ended=a_running_when_b_ended
+    )
 
 
 def test_a_second_run_on_a_busy_workspace_is_refused_and_the_first_is_unharmed(reference):
@@ -390,7 +393,7 @@ def test_the_run_after_the_kills_ends_as_an_uninterrupted_run(killed_twice, refe
     mine = keras.saving.load_model(ws / "train" / "cnn" / "model.keras", safe_mode=True).get_weights()
     theirs = keras.saving.load_model(ref / "train" / "cnn" / "model.keras", safe_mode=True).get_weights()
     assert len(mine) == len(theirs)
-    for i, (w1, w2) in enumerate(zip(mine, theirs)):
+    for i, (w1, w2) in enumerate(zip(mine, theirs, strict=False)):
         np.testing.assert_array_equal(w1, w2, err_msg=f"weight {i}: resumed training ended elsewhere")
     history = pd.read_csv(ws / "train" / "cnn" / "history.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(history, pd.read_csv(ref / "train" / "cnn" / "history.csv").drop(columns="seconds"))
@@ -423,14 +426,16 @@ def big_release(base) -> Path:
     copies = []
     for r in range(24):
         copy = meta.assign(image_id=meta.image_id + f"_r{r}", lesion_id=meta.lesion_id + f"_r{r}")
-        for old, new in zip(meta.image_id, copy.image_id):
+        for old, new in zip(meta.image_id, copy.image_id, strict=False):
             (dest / f"{new}.jpg").write_bytes((SAMPLE / "images" / f"{old}.jpg").read_bytes())
         copies.append(copy)
     pd.concat(copies).to_csv(dest / "HAM10000_metadata.csv", index=False)
     return dest
 
 
-def test_kill_during_preprocessing_then_the_next_run_equals_an_uninterrupted_one(base, default_env, server_env, big_release):
+def test_kill_during_preprocessing_then_the_next_run_equals_an_uninterrupted_one(
+    base, default_env, server_env, big_release
+):
     from flows.pipeline import pipeline
 
     params = _project(base / "preprocess-killed", big_release, data=PREPROCESS_KILL_DATA)
@@ -465,7 +470,7 @@ def _no_space(dest) -> OSError:
 @pytest.fixture(scope="module")
 def disk_project(base) -> Path:
     """A project whose data stages ran once, completely (in-process)."""
-    from lesionml.cli import main
+    from cli.main import main
 
     release = build_release(base / "disk-release", whole_lesion_rows(120), "flat")
     params = _project(base / "disk", release)
@@ -474,7 +479,7 @@ def disk_project(base) -> Path:
 
 
 def test_disk_full_while_writing_the_split_is_one_error_line_and_nothing_changes(disk_project, monkeypatch, capfd):
-    from lesionml.cli import main
+    from cli.main import main
 
     ws = disk_project.parent / "ws"
     before = _snapshot(ws)
@@ -494,8 +499,10 @@ def test_disk_full_while_writing_the_split_is_one_error_line_and_nothing_changes
     err = capfd.readouterr().err
     ours = [line for line in err.splitlines() if line.startswith("lesionml:")]
     assert ours == [
-        f"lesionml: error: {ws / 'split' / 'split.csv'}: could not be written (No space left on device); "
-        "the previous version, if any, is unchanged"
+        (
+            f"lesionml: error: {ws / 'split' / 'split.csv'}: could not be written (No space left on device); "
+            "the previous version, if any, is unchanged"
+        )
     ], err[-3000:]
     assert "Traceback (most recent call last)" not in err
     after = _snapshot(ws)
@@ -507,7 +514,7 @@ def test_disk_full_while_writing_the_split_is_one_error_line_and_nothing_changes
 def test_disk_full_while_writing_a_training_checkpoint_fails_the_run_cleanly(disk_project, monkeypatch, capfd):
     from mlflow import MlflowClient
 
-    from lesionml.cli import main
+    from cli.main import main
 
     ws = disk_project.parent / "ws"
     before = _snapshot(ws)
@@ -581,9 +588,12 @@ def test_a_store_that_does_not_answer_is_never_read_as_no_champion(monkeypatch):
     with pytest.raises(MlflowException):
         tracking.alias_version("lesionml", "champion")
     monkeypatch.setattr(tracking, "client", lambda: Store(refused()))
-    with pytest.raises(tracking.TrackingUnavailable, match=re.escape(
-        "MLflow tracking store http://127.0.0.1:1 stopped answering during alias_version (Connection refused)"
-    )) as caught:
+    with pytest.raises(
+        tracking.TrackingUnavailable,
+        match=re.escape(
+            "MLflow tracking store http://127.0.0.1:1 stopped answering during alias_version (Connection refused)"
+        ),
+    ) as caught:
         tracking.alias_version("lesionml", "champion")
     assert caught.value.transient and caught.value.exit_code == 1
 
@@ -591,8 +601,20 @@ def test_a_store_that_does_not_answer_is_never_read_as_no_champion(monkeypatch):
 def _start_mlflow_server(store: Path, start_server) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    argv = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", "{port}", "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")]
+    argv = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+    ]
     return start_server(argv, "/health", env, store / "server.log")
 
 
@@ -638,8 +660,10 @@ def test_tracking_server_going_away_mid_run_fails_clearly_and_moves_no_alias(bas
         errors[0],
     ), errors[0]
     assert "Traceback (most recent call last)" not in run.output, run.tail(80)
-    assert re.search(r"Task run 'train-\w+' - Task run failed with exception: TrackingUnavailable.* - Retry 1/1 will start",
-                     run.output), "the interrupted training is retried once"
+    assert re.search(
+        r"Task run 'train-\w+' - Task run failed with exception: TrackingUnavailable.* - Retry 1/1 will start",
+        run.output,
+    ), "the interrupted training is retried once"
     ws = params.parent / "ws"
     assert len(list(ws.glob("train/cnn/.work/*/checkpoint.npz"))) == 1, "the next run resumes where this one stopped"
     assert _incomplete_files(ws) == []

@@ -86,7 +86,7 @@ def test_any_mode_size_and_format_decodes_to_the_configured_array(image, size):
 @settings(max_examples=20, deadline=None, database=None)
 @given(image=encoded_images(), size=SIZES)
 def test_over_the_pixel_limit_is_a_data_error_naming_the_file(image, size):
-    mode, fmt, (width, height), data = image
+    _mode, _fmt, (width, height), data = image
     limit = width * height - 1
     if limit < 1:
         return  # a 1x1 image is within every limit the config accepts

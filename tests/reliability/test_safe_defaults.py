@@ -18,7 +18,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLE, write_params
+
+from tests.helpers import ROOT, SAMPLE, write_params
 
 # Everything the project runs: the library, the Prefect tasks and flows, and its scripts.
 CODE_DIRS = ("lesionml", "tasks", "flows", "scripts", "bench")
@@ -82,9 +83,26 @@ def _keyword(call: ast.Call, name: str) -> object:
 
 
 UNSAFE = {
-    "pickle.load", "pickle.loads", "pickle.Unpickler", "_pickle.load", "_pickle.loads", "dill.load", "dill.loads",
-    "cloudpickle.load", "cloudpickle.loads", "joblib.load", "marshal.load", "marshal.loads", "shelve.open",
-    "pandas.read_pickle", "torch.load", "eval", "exec", "yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all",
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "_pickle.load",
+    "_pickle.loads",
+    "dill.load",
+    "dill.loads",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "joblib.load",
+    "marshal.load",
+    "marshal.loads",
+    "shelve.open",
+    "pandas.read_pickle",
+    "torch.load",
+    "eval",
+    "exec",
+    "yaml.unsafe_load",
+    "yaml.full_load",
+    "yaml.unsafe_load_all",
     "keras.config.enable_unsafe_deserialization",
 }
 SAFE_YAML_LOADERS = ("SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader")
@@ -171,7 +189,7 @@ def test_the_project_does_load_arrays_and_models_the_safe_way():
 
 
 def test_lesionml_ui_defaults_to_loopback():
-    from lesionml.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser().parse_args(["ui"])
     assert args.host == LOOPBACK
@@ -179,7 +197,7 @@ def test_lesionml_ui_defaults_to_loopback():
 
 
 def test_lesionml_ui_passes_the_host_to_mlflow(tmp_path, monkeypatch, capsys):
-    from lesionml.cli import main
+    from cli.main import main
 
     started = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, *a, **kw: started.append(cmd) or 0)
@@ -199,12 +217,14 @@ SERVER_COMMAND = re.compile(r"\b(mlflow\s+(?:ui|server|models\s+serve)|prefect\s
 def _doc_commands(text: str) -> list[tuple[int, str]]:
     """(line, command) for each server command in a fenced block line or an inline code span."""
     found = []
-    for block in re.finditer(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M):
+    for block in re.finditer(r"^```[^\n]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
         start = text.count("\n", 0, block.start(1)) + 1
         for k, line in enumerate(block.group(1).replace("\\\n", " ").splitlines()):
             if SERVER_COMMAND.search(line):
                 found.append((start + k, line.strip()))
-    prose = re.sub(r"^```[^\n]*\n.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S | re.M)
+    prose = re.sub(
+        r"^```[^\n]*\n.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.DOTALL | re.MULTILINE
+    )
     for span in re.finditer(r"`([^`]+)`", prose):
         if SERVER_COMMAND.search(span.group(1)):
             found.append((prose.count("\n", 0, span.start()) + 1, " ".join(span.group(1).split())))
@@ -220,15 +240,21 @@ def test_documented_server_commands_bind_loopback():
     docs = [ROOT / "README.md", *sorted((ROOT / "bench").glob("*.md"))]
     commands = [(doc, line, cmd) for doc in docs for line, cmd in _doc_commands(doc.read_text(encoding="utf-8"))]
     assert len(commands) >= 3, "README documents mlflow models serve, mlflow server and prefect server start"
-    missing = [f"{doc.relative_to(ROOT)}:{line}: {cmd}" for doc, line, cmd in commands
-               if not re.search(rf"--host[ =]{re.escape(LOOPBACK)}\b", cmd)]
+    missing = [
+        f"{doc.relative_to(ROOT)}:{line}: {cmd}"
+        for doc, line, cmd in commands
+        if not re.search(rf"--host[ =]{re.escape(LOOPBACK)}\b", cmd)
+    ]
     assert not missing, "server commands without --host 127.0.0.1:\n" + "\n".join(missing)
 
 
 def test_nothing_binds_all_interfaces():
     texts = {p: p.read_text(encoding="utf-8") for p in [*_project_files(), ROOT / "README.md", ROOT / "Makefile"]}
-    bad = [f"{p.relative_to(ROOT)}:{t.count(chr(10), 0, m.start()) + 1}"
-           for p, t in texts.items() for m in re.finditer(r"0\.0\.0\.0|PREFECT_SERVER_API_HOST|\[::\]", t)]
+    bad = [
+        f"{p.relative_to(ROOT)}:{t.count(chr(10), 0, m.start()) + 1}"
+        for p, t in texts.items()
+        for m in re.finditer(r"0\.0\.0\.0|PREFECT_SERVER_API_HOST|\[::\]", t)
+    ]
     assert not bad, bad
 
 

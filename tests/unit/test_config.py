@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from pydantic import ValidationError
 
 from lesionml.config import Params, load_params, parse_override
 from lesionml.errors import ConfigError
+from tests.helpers import ROOT
 
 
 def _write(folder: Path, tree: dict | str) -> Path:
@@ -81,13 +82,16 @@ def test_unknown_key_is_named(tmp_path, tree, key):
         ({"data": {"workers": 2.5}}, "data.workers: Input should be a valid integer"),
         ({"augment": {"horizontal_flip": "sometimes"}}, "augment.horizontal_flip: Input should be a valid boolean"),
         ({"data": {"image_size": "75x100"}}, "data.image_size: Input should be a valid tuple"),
-        ({"train": {"monitor": "loss"}}, "train.monitor: Input should be 'val_loss', 'val_accuracy' or 'val_balanced_accuracy'"),
+        (
+            {"train": {"monitor": "loss"}},
+            "train.monitor: Input should be 'val_loss', 'val_accuracy' or 'val_balanced_accuracy'",
+        ),
     ],
 )
 def test_wrong_type_is_named_with_the_value(tmp_path, tree, needle):
     message = _error(_write(tmp_path, tree))
     assert needle in message
-    section, values = next(iter(tree.items()))
+    _section, values = next(iter(tree.items()))
     assert f"(got {next(iter(values.values()))!r})" in message
 
 
@@ -193,7 +197,7 @@ def test_override_into_a_value_is_refused(tmp_path):
 
 def test_relative_paths_resolve_against_the_params_folder_not_the_cwd(tmp_path, monkeypatch):
     folder = tmp_path / "project" / "conf"
-    path = _write(
+    _write(
         folder,
         {
             "data": {"source": "../releases/ham", "workspace": "ws"},
@@ -227,12 +231,14 @@ def test_missing_file_invalid_yaml_and_non_mapping(tmp_path):
     assert _error(tmp_path / "nope.yaml").endswith("nope.yaml: params file not found")
     message = _error(_write(tmp_path / "a", "split:\n  seed: [1, 2\n"))
     assert "not valid YAML at line" in message
-    assert _error(_write(tmp_path / "b", "- just\n- a list\n")).endswith("expected a mapping of sections at the top level")
+    assert _error(_write(tmp_path / "b", "- just\n- a list\n")).endswith(
+        "expected a mapping of sections at the top level"
+    )
 
 
 def test_params_are_frozen_and_flat_names_every_param():
     params = Params()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         params.split.seed = 1  # type: ignore[misc]
     flat = params.flat()
     assert flat["split.seed"] == 42 and flat["data.image_size"] == [75, 100]

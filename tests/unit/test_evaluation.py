@@ -10,12 +10,12 @@ from PIL import Image
 from lesionml import plots
 from lesionml.data.metadata import CLASSES
 from lesionml.evaluation import (
+    PRIOR_TAUS,
     classification_metrics,
     expected_calibration_error,
     fit_temperature,
     lesion_bootstrap,
     predictions_table,
-    PRIOR_TAUS,
     tune_prior_correction,
 )
 from lesionml.inference import adjust_probabilities
@@ -194,8 +194,10 @@ def test_prior_correction_with_a_floor_buys_accuracy_and_keeps_balanced_accuracy
     for t in PRIOR_TAUS:
         acc, bal = _accuracy_and_balanced(y_val, adjust_probabilities(p_val, offsets=-t * log_prior))
         assert bal < floor or acc <= tuned_val[0] + 1e-12, t
-    assert _accuracy_and_balanced(y_test, adjust_probabilities(p_test, offsets=offsets))[0] > \
-        _accuracy_and_balanced(y_test, p_test)[0]  # the accuracy holds on unseen images
+    assert (
+        _accuracy_and_balanced(y_test, adjust_probabilities(p_test, offsets=offsets))[0]
+        > _accuracy_and_balanced(y_test, p_test)[0]
+    )  # the accuracy holds on unseen images
 
 
 def test_prior_correction_floor_out_of_reach_keeps_plain_argmax_and_says_so():

@@ -7,12 +7,12 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import SAMPLE
 from PIL import Image
 
 from lesionml.data import images as images_module
 from lesionml.data.images import decode_image, load_image_array, load_images, save_image_array
 from lesionml.errors import DataError
+from tests.helpers import SAMPLE
 
 SIZE = (75, 100)  # height, width: the configured default
 LIMIT = 40_000_000

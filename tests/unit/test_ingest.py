@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import LAYOUTS, METADATA, full_data_or_skip
 
 from lesionml.data.source import build_manifest, release_fingerprint
 from lesionml.data.stages import ingest
 from lesionml.errors import DataError
 from lesionml.io import sha256_file
 from lesionml.workspace import Workspace
+from tests.helpers import LAYOUTS, METADATA, full_data_or_skip
 
 LIMIT = 10**9  # max archive bytes: far above any test release
 
@@ -198,7 +198,9 @@ def test_extra_image_inside_a_zip(make_release):
     with zipfile.ZipFile(src / "HAM10000_images_part_2.zip", "a") as zf:
         zf.writestr("ISIC_9999999.jpg", b"\xff\xd8 a stray image")
     message = _error(src)
-    assert message == f"{src}: 1 image files with no metadata row: {src / 'HAM10000_images_part_2.zip'}:ISIC_9999999.jpg"
+    assert (
+        message == f"{src}: 1 image files with no metadata row: {src / 'HAM10000_images_part_2.zip'}:ISIC_9999999.jpg"
+    )
 
 
 def test_duplicate_image_id(make_release):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,7 +38,9 @@ def test_models_map_raw_pixels_to_class_probabilities(name, cfg):
 
 
 def test_cnn_blocks_take_their_own_conv_counts():
-    model = build_model("cnn", CNNConfig(filters=(4, 8, 8), convs_per_block=(1, 1, 3), dense_units=8), (32, 40), STATS, 7)
+    model = build_model(
+        "cnn", CNNConfig(filters=(4, 8, 8), convs_per_block=(1, 1, 3), dense_units=8), (32, 40), STATS, 7
+    )
     convs = [layer.name for layer in model.layers if "_conv" in layer.name]
     assert convs == ["b0_conv0", "b1_conv0", "b2_conv0", "b2_conv1", "b2_conv2"]
 
@@ -139,16 +140,32 @@ def test_interrupted_training_resumes_from_last_epoch(tmp_path):
     seen: list[int] = []
     model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
     with pytest.raises(KeyboardInterrupt):
-        fit(model, (x, y), (x[:16], y[:16]), cfg, tmp_path / "work", tmp_path / "model.keras", n_classes=7,
-            epoch_hooks=[crash_after_second_epoch])
+        fit(
+            model,
+            (x, y),
+            (x[:16], y[:16]),
+            cfg,
+            tmp_path / "work",
+            tmp_path / "model.keras",
+            n_classes=7,
+            epoch_hooks=[crash_after_second_epoch],
+        )
     assert not (tmp_path / "model.keras").exists(), "an interrupted run must not leave a model file"
     first = pd.read_csv(tmp_path / "work" / "history.csv")
     assert list(first.epoch) == [1, 2]
 
     seen.clear()
     model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
-    result = fit(model, (x, y), (x[:16], y[:16]), cfg, tmp_path / "work", tmp_path / "model.keras", n_classes=7,
-                 epoch_hooks=[lambda e, m: seen.append(e)])
+    result = fit(
+        model,
+        (x, y),
+        (x[:16], y[:16]),
+        cfg,
+        tmp_path / "work",
+        tmp_path / "model.keras",
+        n_classes=7,
+        epoch_hooks=[lambda e, m: seen.append(e)],
+    )
     assert seen == [3], "the resumed run trains only the epoch it had not finished"
     history = pd.read_csv(result.history_path)
     assert list(history.epoch) == [1, 2, 3]
@@ -165,15 +182,15 @@ def test_weight_average_starts_short_then_keeps_its_decay_and_swaps_in_and_out()
     for v in floats:
         v.assign(np.ones(v.shape, np.float32))
     average.update()  # step 0: decay (1 + 0) / (10 + 0) = 0.1, not 0.9
-    for a, s in zip(average.averages, start):
+    for a, s in zip(average.averages, start, strict=False):
         np.testing.assert_allclose(a, 0.1 * s + 0.9, rtol=1e-6)
     average.steps = 1000
     before = [a.copy() for a in average.averages]
     average.update()  # long past the warm-up: the configured decay
-    for a, b in zip(average.averages, before):
+    for a, b in zip(average.averages, before, strict=False):
         np.testing.assert_allclose(a, 0.9 * b + 0.1, rtol=1e-6)
     with average.applied():
-        for v, a in zip(floats, average.averages):
+        for v, a in zip(floats, average.averages, strict=False):
             np.testing.assert_array_equal(np.asarray(v), a)
     for v in floats:
         np.testing.assert_array_equal(np.asarray(v), 1.0)
@@ -193,16 +210,25 @@ def test_with_weight_averaging_the_saved_model_holds_the_average_not_the_live_we
     saved = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
     floats = [k for k, v in enumerate(saved.variables) if "float" in str(v.dtype)]
     assert len(averages) == len(floats)
-    for k, average in zip(floats, averages):
+    for k, average in zip(floats, averages, strict=False):
         np.testing.assert_array_equal(np.asarray(saved.variables[k]), average)
-    assert any(not np.array_equal(live[k], a) for k, a in zip(floats, averages)), "the average is not the live weights"
+    assert any(not np.array_equal(live[k], a) for k, a in zip(floats, averages, strict=False)), (
+        "the average is not the live weights"
+    )
 
 
 def test_a_checkpoint_of_another_architecture_is_not_loaded(tmp_path, capsys):
     x, y = _data()
     cfg = TrainConfig(epochs=1, batch_size=16)
-    fit(build_model("cnn", TINY_CNN, (32, 40), STATS, 7), (x, y), (x[:16], y[:16]), cfg, tmp_path, tmp_path / "a.keras",
-        n_classes=7)
+    fit(
+        build_model("cnn", TINY_CNN, (32, 40), STATS, 7),
+        (x, y),
+        (x[:16], y[:16]),
+        cfg,
+        tmp_path,
+        tmp_path / "a.keras",
+        n_classes=7,
+    )
     other = build_model("cnn", CNNConfig(filters=(4, 8, 16), dense_units=8), (32, 40), STATS, 7)
     other.compile(optimizer="adamw", loss="categorical_crossentropy")
     other.optimizer.build(other.trainable_variables)
@@ -265,7 +291,9 @@ def test_interrupted_then_resumed_training_ends_with_the_weights_of_an_uninterru
         out = tmp_path / f"w{k}.npy"
         done = subprocess.run(
             [sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / f"work{k}"), interrupt, str(out), ema],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert done.returncode == 0, done.stderr[-2000:]
         if interrupt == "1":
@@ -279,8 +307,16 @@ def test_same_seed_with_determinism_gives_identical_weights(tmp_path):
     for k in range(2):
         out = tmp_path / f"w{k}.npy"
         subprocess.run(
-            [sys.executable, "-c", DETERMINISM_SCRIPT, str(tmp_path / f"work{k}"), str(tmp_path / f"m{k}.keras"), str(out)],
-            check=True, capture_output=True,
+            [
+                sys.executable,
+                "-c",
+                DETERMINISM_SCRIPT,
+                str(tmp_path / f"work{k}"),
+                str(tmp_path / f"m{k}.keras"),
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
         )
         weights.append(np.load(out))
     np.testing.assert_array_equal(weights[0], weights[1])

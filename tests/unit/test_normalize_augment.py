@@ -62,8 +62,15 @@ def test_apply_standardises_as_float32(pixels):
 
 # --- augmentation ----------------------------------------------------------------------
 
-OFF = dict(horizontal_flip=False, vertical_flip=False, rotation_degrees=0, shift_fraction=0, zoom_fraction=0,
-           brightness=0, contrast=0)
+OFF = {
+    "horizontal_flip": False,
+    "vertical_flip": False,
+    "rotation_degrees": 0,
+    "shift_fraction": 0,
+    "zoom_fraction": 0,
+    "brightness": 0,
+    "contrast": 0,
+}
 
 
 def _only(**switches) -> AugmentConfig:
@@ -86,9 +93,15 @@ def test_default_params_turn_on_every_transformation_and_describe_lists_them():
 
 @pytest.mark.parametrize(
     "switch,name",
-    [({"horizontal_flip": False}, "horizontal_flip"), ({"vertical_flip": False}, "vertical_flip"),
-     ({"rotation_degrees": 0}, "rotation"), ({"zoom_fraction": 0}, "zoom"), ({"shift_fraction": 0}, "shift"),
-     ({"brightness": 0}, "brightness"), ({"contrast": 0}, "contrast")],
+    [
+        ({"horizontal_flip": False}, "horizontal_flip"),
+        ({"vertical_flip": False}, "vertical_flip"),
+        ({"rotation_degrees": 0}, "rotation"),
+        ({"zoom_fraction": 0}, "zoom"),
+        ({"shift_fraction": 0}, "shift"),
+        ({"brightness": 0}, "brightness"),
+        ({"contrast": 0}, "contrast"),
+    ],
 )
 def test_each_switch_removes_exactly_its_transformation(switch, name):
     assert transformations(AugmentConfig(**switch)) == [t for t in ALL if t != name]
@@ -102,7 +115,12 @@ def test_everything_off_is_the_identity(pixels):
 def test_flips_give_exact_mirror_images_in_the_enabled_directions_only(pixels, h, v):
     out = _augment(pixels, _only(horizontal_flip=h, vertical_flip=v))
     x = pixels.astype(np.float32)
-    allowed = {(False, False): x, (True, False): x[:, :, ::-1], (False, True): x[:, ::-1], (True, True): x[:, ::-1, ::-1]}
+    allowed = {
+        (False, False): x,
+        (True, False): x[:, :, ::-1],
+        (False, True): x[:, ::-1],
+        (True, True): x[:, ::-1, ::-1],
+    }
     views = {k: v_ for k, v_ in allowed.items() if (not k[0] or h) and (not k[1] or v)}
     seen = set()
     for i in range(len(x)):
@@ -128,7 +146,7 @@ def mid_grey_batch() -> np.ndarray:
 def test_contrast_goes_both_ways(mid_grey_batch):
     x = mid_grey_batch
     y = _augment(x, _only(contrast=0.1))
-    spread = lambda a: (a - a.mean(axis=(1, 2, 3), keepdims=True)).std(axis=(1, 2, 3))  # noqa: E731
+    spread = lambda a: (a - a.mean(axis=(1, 2, 3), keepdims=True)).std(axis=(1, 2, 3))
     ratio = spread(y) / spread(x)
     assert 0.899 <= ratio.min() < 0.95, "contrast must also be lowered, by up to 10%"
     assert 1.05 < ratio.max() <= 1.101, "contrast must also be raised, by up to 10%"
@@ -164,8 +182,10 @@ def test_images_only_one_hot_labels_and_weights(pixels):
     np.testing.assert_array_equal(x, pixels.astype(np.float32))
     labels = np.arange(len(pixels)) % 7
     weights = np.linspace(0.5, 2, len(pixels))
-    _, y, w = (np.concatenate([np.asarray(b[k]) for b in make_dataset(pixels, labels, 8, n_classes=7,
-                                                                        sample_weights=weights)]) for k in range(3))
+    _, y, w = (
+        np.concatenate([np.asarray(b[k]) for b in make_dataset(pixels, labels, 8, n_classes=7, sample_weights=weights)])
+        for k in range(3)
+    )
     np.testing.assert_array_equal(y.argmax(axis=1), labels)
     assert y.shape == (len(pixels), 7) and y.sum() == len(pixels)
     np.testing.assert_allclose(w, weights.astype(np.float32))
@@ -173,7 +193,7 @@ def test_images_only_one_hot_labels_and_weights(pixels):
 
 def test_shuffled_dataset_keeps_image_label_pairs(pixels):
     labels = np.arange(len(pixels))
-    xs, ys = zip(*((np.asarray(x), np.asarray(y)) for x, y in make_dataset(pixels, labels, 8, seed=1)))
+    xs, ys = zip(*((np.asarray(x), np.asarray(y)) for x, y in make_dataset(pixels, labels, 8, seed=1)), strict=False)
     x, y = np.concatenate(xs), np.concatenate(ys)
     assert sorted(y) == list(labels) and list(y) != list(labels)
     np.testing.assert_array_equal(x, pixels[y].astype(np.float32))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from conftest import sample_metadata
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lesionml.data.split import MIN_LESIONS_PER_CLASS, SPLITS, split_by_lesion, split_counts
 from lesionml.errors import DataError
+from tests.helpers import sample_metadata
 
 
 def _lesion_splits(out: pd.DataFrame) -> pd.Series:
@@ -96,9 +96,7 @@ def test_class_with_too_few_lesions_is_named_with_its_count(meta, keep):
         return
     with pytest.raises(DataError) as err:
         split_by_lesion(few, 0.15, 0.15, seed=0)
-    assert str(err.value) == (
-        f"too few lesions to split: df has {keep} (each class needs at least 3, one per split)"
-    )
+    assert str(err.value) == (f"too few lesions to split: df has {keep} (each class needs at least 3, one per split)")
 
 
 def test_every_small_class_is_named(meta):
@@ -110,9 +108,7 @@ def test_every_small_class_is_named(meta):
 
 
 def test_three_lesions_get_one_per_split_even_with_a_large_test_fraction():
-    meta = pd.DataFrame(
-        {"lesion_id": ["L1", "L2", "L3"], "image_id": ["I1", "I2", "I3"], "dx": ["df", "df", "df"]}
-    )
+    meta = pd.DataFrame({"lesion_id": ["L1", "L2", "L3"], "image_id": ["I1", "I2", "I3"], "dx": ["df", "df", "df"]})
     for val, test in ((0.15, 0.15), (0.05, 0.5), (0.01, 0.9), (0.9, 0.05)):
         out = split_by_lesion(meta, val, test, seed=0)
         assert sorted(out.split) == ["test", "train", "val"], (val, test)

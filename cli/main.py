@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -44,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="validate a HAM10000 release and record its manifest and fingerprint")
     _common(ingest)
     stage = sub.add_parser(
-        "stage", help="run the pipeline up to one stage (what each dvc.yaml stage calls; upstream stages are cache hits)"
+        "stage",
+        help="run the pipeline up to one stage (what each dvc.yaml stage calls; upstream stages are cache hits)",
     )
     stage.add_argument("name", choices=STAGES)
-    stage.add_argument("--model", action="append", help="train/evaluate only this model (repeatable; default: models.enabled)")
+    stage.add_argument(
+        "--model", action="append", help="train/evaluate only this model (repeatable; default: models.enabled)"
+    )
     _common(stage)
     retrain = sub.add_parser(
         "retrain", help="one scheduled-retraining run now: stop early if data, code and params are unchanged"
@@ -59,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(schedule, source=False)
     when = schedule.add_mutually_exclusive_group()
     when.add_argument("--cron", help="5-field cron expression (default: schedule.cron in params)")
-    when.add_argument("--interval", type=int, metavar="SECONDS",
-                      help="fire every SECONDS instead of on a cron schedule (for trying it out, and tests)")
+    when.add_argument(
+        "--interval",
+        type=int,
+        metavar="SECONDS",
+        help="fire every SECONDS instead of on a cron schedule (for trying it out, and tests)",
+    )
     schedule.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
     predict = sub.add_parser("predict", help="classify image files or folders with a registered model")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
@@ -73,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="open the MLflow UI on the project's tracking store (127.0.0.1 only)")
     ui.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
     ui.add_argument("--port", type=int, default=5000)
-    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: not reachable from other machines)")
+    ui.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: not reachable from other machines)"
+    )
     return parser
 
 
@@ -104,8 +114,10 @@ def _schedule(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise LesionMLError(f"cron schedule '{cron}' is invalid: {exc}") from None
         when = f"cron '{cron}' ({params.schedule.timezone})"
-    print(f"deployment lesionml-retrain/{args.name} on {api}: {when}; "
-          "Ctrl-C stops serving (the schedule is paused)", flush=True)
+    print(
+        f"deployment lesionml-retrain/{args.name} on {api}: {when}; Ctrl-C stops serving (the schedule is paused)",
+        flush=True,
+    )
     retrain.serve(
         name=args.name,
         schedules=[schedule],
@@ -130,8 +142,10 @@ def _retrain(args: argparse.Namespace) -> None:
     with local_api.serving():
         result = retrain(params_file=str(Path(args.params).resolve()), overrides=list(args.overrides))
     verdict = "retrained" if result["retrained"] else "nothing changed: stopped early"
-    print(f"{verdict}; identity {result['identity']}, MLflow run {result['mlflow_run_id']}; "
-          f"{time.perf_counter() - started:.1f} s")
+    print(
+        f"{verdict}; identity {result['identity']}, MLflow run {result['mlflow_run_id']}; "
+        f"{time.perf_counter() - started:.1f} s"
+    )
 
 
 def _ui(args: argparse.Namespace) -> None:
@@ -142,7 +156,18 @@ def _ui(args: argparse.Namespace) -> None:
 
     uri = tracking_uri(load_params(args.params).tracking)
     print(f"MLflow UI for {redact(uri)} on http://{args.host}:{args.port} (Ctrl-C stops it)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     raise SystemExit(subprocess.call(cmd))
 
 
@@ -183,7 +208,9 @@ def _print_summary(result: dict, seconds: float) -> None:
     arts = result["artifacts"]
     release = json.loads(Path(arts["ingest.release"]["path"]).read_text())
     print(f"\nrelease  {release['source']}")
-    print(f"         {release['images']} images of {release['lesions']} lesions, fingerprint {release['fingerprint'][:16]}")
+    print(
+        f"         {release['images']} images of {release['lesions']} lesions, fingerprint {release['fingerprint'][:16]}"
+    )
     if "split.split" in arts:
         table = split_counts(pd.read_csv(arts["split.split"]["path"]))
         print("\nimages per class and split:")
@@ -222,12 +249,16 @@ def _print_model_results(arts: dict) -> None:
                 )
             decision = metrics.get("decision", {})
             if decision.get("temperature", 1.0) != 1.0:
-                notes.append(f"  {name}: probabilities temperature-scaled, T {decision['temperature']:.3f} (fitted on "
-                             f"val); test ECE {decision['raw_ece']['test']:.3f} -> {metrics['test']['ece']:.3f}")
+                notes.append(
+                    f"  {name}: probabilities temperature-scaled, T {decision['temperature']:.3f} (fitted on "
+                    f"val); test ECE {decision['raw_ece']['test']:.3f} -> {metrics['test']['ece']:.3f}"
+                )
             if decision.get("prior_correction"):
                 plain = decision["argmax"]["test"]
-                notes.append(f"  {name}: prior correction tau {decision['tau']:.2f} ({decision['objective']}); plain "
-                             f"argmax on test: accuracy {plain['accuracy']:.3f}, bal.acc {plain['balanced_accuracy']:.3f}")
+                notes.append(
+                    f"  {name}: prior correction tau {decision['tau']:.2f} ({decision['objective']}); plain "
+                    f"argmax on test: accuracy {plain['accuracy']:.3f}, bal.acc {plain['balanced_accuracy']:.3f}"
+                )
     if rows:
         print("\nmodel     split  accuracy  bal.acc  macro-F1  AUC     mel.sens  training")
         print("\n".join(rows + notes))
@@ -247,6 +278,7 @@ def _run_pipeline(args: argparse.Namespace, until: str, models: list[str] | None
     if STAGES.index(until) >= STAGES.index("train"):
         # What a training flow imports first (seconds), imported while the server still boots.
         import mlflow  # noqa: F401
+
         import tasks.model  # noqa: F401
     started = time.perf_counter()
     with local_api.serving():
@@ -268,7 +300,10 @@ def _predict(args: argparse.Namespace) -> int:
     alias = alias or "champion"
     if tracking.alias_version(name, alias) is None:
         known = tracking.aliases(name)
-        have = ", ".join(f"{name}@{a} (v{v})" for a, v in sorted(known.items())) or f"none: '{name}' has no aliased version"
+        have = (
+            ", ".join(f"{name}@{a} (v{v})" for a, v in sorted(known.items()))
+            or f"none: '{name}' has no aliased version"
+        )
         raise LesionMLError(f"model {name}@{alias} does not exist; aliases that do: {have}")
     files = expand_inputs(args.inputs)
     if not files:
@@ -278,19 +313,29 @@ def _predict(args: argparse.Namespace) -> int:
     items = read_files(files)
     out = model.predict(pd.DataFrame({"image": [data if data is not None else b"" for _, data in items]}))
     failed = 0
-    for (source, data), row in zip(items, out.itertuples(index=False)):
+    for (source, data), row in zip(items, out.itertuples(index=False), strict=True):
         error = row.error.replace("image[", "").split("]: ", 1)[-1] if row.error else ""
         if data is None:
             error = "cannot read file"
         if error:
             failed += 1
-            print(json.dumps({"source": source, "error": error}) if args.json else f"{source}: error: {error}",
-                  file=sys.stdout if args.json else sys.stderr)
+            print(
+                json.dumps({"source": source, "error": error}) if args.json else f"{source}: error: {error}",
+                file=sys.stdout if args.json else sys.stderr,
+            )
             continue
         proba = {c: float(getattr(row, f"p_{c}")) for c in CLASSES}
         if args.json:
-            print(json.dumps({"source": source, "predicted": row.predicted, "name": CLASS_NAMES[row.predicted],
-                              "probabilities": proba}))
+            print(
+                json.dumps(
+                    {
+                        "source": source,
+                        "predicted": row.predicted,
+                        "name": CLASS_NAMES[row.predicted],
+                        "probabilities": proba,
+                    }
+                )
+            )
         else:
             ranked = "  ".join(f"{c} {p:.3f}" for c, p in sorted(proba.items(), key=lambda kv: -kv[1]))
             print(f"{source}: {row.predicted} ({CLASS_NAMES[row.predicted]}, {proba[row.predicted]:.1%})  |  {ranked}")
@@ -310,27 +355,36 @@ def _compare(args: argparse.Namespace) -> None:
         raise LesionMLError(f"no trained models in experiment '{params.tracking.experiment}' yet; run `lesionml run`")
 
     def num(value, digits: int = 3) -> str:
-        return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+        return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
     def ci(row, key):
         lo, hi = row.get(f"metrics.eval_test_{key}_ci95_low"), row.get(f"metrics.eval_test_{key}_ci95_high")
         return f"{num(row.get(f'metrics.eval_test_{key}'))} [{num(lo)}-{num(hi)}]"
 
-    lines = ["| run | model | test accuracy [95% CI] | balanced accuracy [95% CI] | macro-F1 | AUC | mel sens. | ECE "
-             "| prior tau | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| run | model | test accuracy [95% CI] | balanced accuracy [95% CI] | macro-F1 | AUC | mel sens. | ECE "
+            "| prior tau | train s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for _, row in runs.iterrows():
-        cells = [num(row.get(f"metrics.eval_{k}"))
-                 for k in ("test_macro_f1", "test_roc_auc_macro", "test_mel_sensitivity", "test_ece", "prior_tau")]
+        cells = [
+            num(row.get(f"metrics.eval_{k}"))
+            for k in ("test_macro_f1", "test_roc_auc_macro", "test_mel_sensitivity", "test_ece", "prior_tau")
+        ]
         lines.append(
             f"| {row.run_id[:8]} | {row['tags.mlflow.runName']} | {ci(row, 'accuracy')} | {ci(row, 'balanced_accuracy')} "
             f"| {' | '.join(cells)} | {num(row.get('metrics.train_seconds'), 0)} |"
         )
     # Evaluation settings are tags (a cached model is re-evaluated in its training run).
-    param_cols = [c for c in runs.columns if c.startswith(("params.", "tags.evaluate."))
-                  and runs[c].nunique(dropna=False) > 1]
+    param_cols = [
+        c for c in runs.columns if c.startswith(("params.", "tags.evaluate.")) and runs[c].nunique(dropna=False) > 1
+    ]
     differ = ["", "Params that differ:", ""] + [
-        f"- {c.split('.', 1)[1]}: " + ", ".join(f"{r[:8]}={v}" for r, v in zip(runs.run_id, runs[c]))
-        for c in param_cols if c != "params.model.parameters"
+        f"- {c.split('.', 1)[1]}: " + ", ".join(f"{r[:8]}={v}" for r, v in zip(runs.run_id, runs[c], strict=True))
+        for c in param_cols
+        if c != "params.model.parameters"
     ]
     text = "\n".join(lines + (differ if len(differ) > 3 else ["", "All params equal (other than the model)."]))
     print(text)

@@ -1,0 +1,1 @@
+"""The `lesionml` command: the application layer on top of flows/, tasks/ and the library."""
