@@ -10,6 +10,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -104,3 +105,75 @@ def write_params(tmp: Path, source: Path, **sections: dict) -> Path:
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
+
+
+# Synthetic releases whose class is decided by a small coloured square and nothing else: a
+# model trained a few epochs on them is near perfect, and an explanation of its decision must
+# point at the square. The background is a real sample image chosen independently of the label.
+PATCH_COLOURS: dict[str, tuple[int, int, int]] = {
+    "akiec": (255, 0, 0),
+    "bcc": (0, 255, 0),
+    "bkl": (0, 0, 255),
+    "df": (255, 255, 0),
+    "mel": (255, 0, 255),
+    "nv": (0, 255, 255),
+    "vasc": (255, 255, 255),
+}
+
+
+def patch_images(
+    labels: list[str], size: tuple[int, int] = (75, 100), patch_fraction: float = 0.08, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, H, W, 3) of real sample backgrounds, each with one square of its label's
+    colour covering `patch_fraction` of the image at a random place; and the squares' masks."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files = sorted((SAMPLE / "images").glob("*.jpg"))
+    height, width = size
+    side = max(2, round((patch_fraction * height * width) ** 0.5))
+    images = np.empty((len(labels), height, width, 3), np.uint8)
+    masks = np.zeros((len(labels), height, width), bool)
+    for i, label in enumerate(labels):
+        with Image.open(files[rng.integers(len(files))]) as im:
+            images[i] = np.asarray(im.convert("RGB").resize((width, height), Image.BILINEAR))
+        top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+        images[i, top : top + side, left : left + side] = PATCH_COLOURS[label]
+        masks[i, top : top + side, left : left + side] = True
+    return images, masks
+
+
+def build_patch_release(
+    dest: Path,
+    per_class: int = 24,
+    size: tuple[int, int] = (150, 200),
+    seed: int = 0,
+    flip: dict[str, str] | None = None,
+) -> Path:
+    """A HAM10000-layout release (CSV + JPEGs, one image per lesion) of `patch_images`.
+
+    `flip` relabels classes in the CSV only (e.g. {"mel": "nv"}): the same pictures with some
+    labels wrong, for a model that must come out clearly weaker.
+    """
+    from PIL import Image
+
+    labels = [c for c in PATCH_COLOURS for _ in range(per_class)]
+    images, _ = patch_images(labels, size, seed=seed)
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (label, image) in enumerate(zip(labels, images, strict=True)):
+        image_id = f"ISIC_{9000000 + i:07d}"
+        Image.fromarray(image).save(dest / f"{image_id}.jpg", quality=95)
+        rows.append(
+            {
+                "lesion_id": f"HAM_{9000000 + i:07d}",
+                "image_id": image_id,
+                "dx": (flip or {}).get(label, label),
+                "dx_type": "histo",
+                "age": "50.0",
+                "sex": "female",
+                "localization": "back",
+            }
+        )
+    pd.DataFrame(rows).to_csv(dest / METADATA, index=False)
+    return dest
