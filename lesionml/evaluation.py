@@ -65,7 +65,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
 def fit_temperature(y_val: np.ndarray, proba_val: np.ndarray) -> float:
     """The temperature T whose softmax(log p / T) has the lowest validation log loss.
 
-    Label smoothing trains a model to answer 0.91 where it is sure, and class weights
+    Label smoothing trains a model to stop short of 1 where it is sure, and class weights
     inflate the rare classes, so raw probabilities say less about how often the model is
     right than a user reading them as risks would assume. One scalar fitted on validation
     (Guo et al., ICML 2017) repairs most of that and cannot change an argmax: the same T
@@ -112,11 +112,10 @@ def tune_prior_correction(
       otherwise as often right as possible). Where no tau reaches it, tau = 0, plain argmax,
       and the third return value says the floor was missed: a model that cannot meet the
       requirement keeps its own decisions rather than buying a little balanced accuracy with
-      much accuracy (the full data's CNN+LSTM: +0.008 test balanced accuracy for -0.151
-      accuracy, below always answering nv).
+      much accuracy (docs/evaluation.md; what it did on the full data: docs/results.md).
 
-    One scalar from `PRIOR_TAUS` (ties: the smaller |tau|) is little to overfit with 1,300
-    validation images; tau = 0 is plain argmax. Returns tau, the log-offsets
+    One scalar from `PRIOR_TAUS` (ties: the smaller |tau|) is little to overfit with the
+    full copy's validation split; tau = 0 is plain argmax. Returns tau, the log-offsets
     (-tau * log prior) to add at serving, and whether the floor was met (True without one).
     """
     log_prior = np.log(np.clip(np.asarray(train_prior, dtype=np.float64), 1e-12, None))
@@ -171,7 +170,8 @@ def lesion_resample_weights(lesions: np.ndarray, n: int, seed: int) -> np.ndarra
     Resample r draws as many lesions as there are, with replacement; an image counts as
     often as its lesion was drawn. Metrics of a resample are then weighted sums, which is
     what lets every bootstrap below run as a few matrix products instead of a scikit-learn
-    call per resample (13x faster, same numbers: integer weights are repeated images).
+    call per resample (much faster, same numbers: integer weights are repeated images;
+    docs/benchmarks.md).
     """
     rng = np.random.default_rng(seed)
     _, groups = np.unique(lesions, return_inverse=True)

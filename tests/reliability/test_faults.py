@@ -13,7 +13,7 @@ Runs that get killed are separate processes in their own session, run as `lesion
 out of the box (Prefect's temporary server is their child), and killed with SIGKILL to the
 whole process group: a machine losing power kills the temporary server too. The other CLI
 runs share the test session's Prefect server (tests/conftest.py), which saves each of them the
-temporary server's start-up (the README's "watch runs in the Prefect UI" set-up).
+temporary server's start-up (the Prefect UI set-up of docs/architecture.md).
 """
 
 from __future__ import annotations
