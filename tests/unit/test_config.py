@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lesionml.config import Params, load_params, parse_override
+from lesionml.config import Params, flatten, load_params, parse_override
 from lesionml.errors import ConfigError
 from tests.helpers import ROOT, project_params
 
@@ -65,16 +65,9 @@ def test_the_code_holds_no_values_only_types_and_bounds():
     assert not defaulted, f"settings with a value in lesionml/config.py instead of params.yaml: {defaulted}"
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-    return out
-
-
 def test_the_projects_params_file_names_every_setting_and_every_value_comes_from_it(sample_dir):
     params = Params.model_validate(PROJECT)  # nothing filled in: every required key is in the file
-    assert params.flat() == _flat(PROJECT)
+    assert params.flat() == flatten(PROJECT)
     loaded = load_params(ROOT / "params.yaml")
     assert loaded.data.source == sample_dir.resolve()
     own_epochs = PROJECT["models"]["cnn_lstm"]["train"]["epochs"]
