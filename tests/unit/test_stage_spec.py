@@ -32,6 +32,25 @@ def test_every_stage_is_declared_in_run_order_with_existing_code_and_params():
         assert not declared & SPEED_ONLY, f"{name} declares a speed-only setting"
 
 
+# Library files no stage's result depends on: plumbing every stage shares, or not run by the pipeline.
+NO_STAGE = {
+    "lesionml/__init__.py",
+    "lesionml/data/__init__.py",
+    "lesionml/errors.py",
+    "lesionml/io.py",
+    "lesionml/stage_spec.py",
+    "lesionml/workspace.py",
+}
+
+
+def test_every_library_file_is_some_stages_code_or_known_plumbing():
+    """A new module must be declared where it changes results, or it would change them unseen by both caches."""
+    declared = {f for spec in STAGES.values() for f in spec.code}
+    library = {str(p.relative_to(ROOT)) for p in (ROOT / "lesionml").rglob("*.py")}
+    assert library - declared - NO_STAGE == set(), "declare it in lesionml/stage_spec.py or add it to NO_STAGE"
+    assert not NO_STAGE & declared
+
+
 def test_the_code_digest_follows_the_bytes_of_exactly_the_declared_files(tmp_path):
     for f in {f for spec in STAGES.values() for f in spec.code}:
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
