@@ -59,48 +59,31 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
     cfg = params.data
     ws = cfg.workspace
     workspace = str(ws)
+    dump = params.model_dump(mode="json")  # every task gets all params; its cache key only its stage's
     artifacts: dict[str, dict[str, str]] = {}
     cached: dict[str, bool] = {}
 
     def stage(label: str, task, /, **inputs) -> dict:
         """Run one stage task (cache-verified), remember its outputs and whether it was a hit."""
-        outs, hit = run_stage(task, ws, workspace=workspace, **inputs)
+        outs, hit = run_stage(task, ws, workspace=workspace, params=dump, **inputs)
         cached[label] = hit
         artifacts.update({f"{label}.{k}": a.to_dict() for k, a in outs.items()})
         return {k: a.to_dict() for k, a in outs.items()}
 
-    ingested = stage(
-        "ingest",
-        data.ingest,
-        source_dir=str(cfg.source),
-        signature=source_signature(cfg.source),
-        max_archive_bytes=cfg.max_archive_bytes,
-    )
+    ingested = stage("ingest", data.ingest, signature=source_signature(cfg.source))
     result = {"cached": cached, "artifacts": artifacts, "workspace": workspace}
     if reach < STAGES.index("preprocess"):
         return result
-    prep = stage(
-        "preprocess",
-        data.preprocess,
-        manifest=ingested["manifest"],
-        data={"image_size": list(cfg.image_size), "max_image_pixels": cfg.max_image_pixels},
-        workers=cfg.workers,
-    )
+    prep = stage("preprocess", data.preprocess, manifest=ingested["manifest"])
     if reach < STAGES.index("split"):
         return result
-    split = stage("split", data.split_task, metadata_csv=prep["metadata"], params=params.section("split"))
+    split = stage("split", data.split_task, metadata_csv=prep["metadata"])
     if reach < STAGES.index("normalize"):
         return result
     norm = stage("normalize", data.normalize_task, images_npz=prep["images"], split_csv=split["split"])
     if reach < STAGES.index("augment"):
         return result
-    aug = stage(
-        "augment",
-        data.augment_task,
-        images_npz=prep["images"],
-        split_csv=split["split"],
-        params=params.section("augment"),
-    )
+    aug = stage("augment", data.augment_task, images_npz=prep["images"], split_csv=split["split"])
     if reach < STAGES.index("train"):
         return result
     from tasks import model  # imported here: scikit-learn, Keras and MLflow cost seconds a data-only run never needs
@@ -118,7 +101,6 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 images_npz=prep["images"],
                 split_csv=split["split"],
                 stats_json=norm["stats"],
-                params=params.model_dump(mode="json"),
                 run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name})),
             )
             evaluated[name] = {"model": trained["model"], "summary": trained["summary"]}
@@ -132,7 +114,6 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 summary_json=trained["summary"],
                 images_npz=prep["images"],
                 split_csv=split["split"],
-                params=params.section("evaluate"),
             )
         if reach >= STAGES.index("register"):
             registered = stage(
@@ -142,7 +123,6 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 manifest_csv=ingested["manifest"],
                 release_json=ingested["release"],
                 split_csv=split["split"],
-                params=params.model_dump(mode="json"),
                 git_commit=commit,
             )
             decision = json.loads(Path(registered["decision"]["path"]).read_text())

@@ -6,7 +6,6 @@ an MLflow store; with a run id they log everything a person needs to judge the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -31,7 +30,7 @@ from lesionml.evaluation import (
 from lesionml.inference import adjust_probabilities, predict_proba
 from lesionml.io import Artifact, write_json, write_text
 from lesionml.models import build_model
-from lesionml.provenance import params_digest
+from lesionml.provenance import model_identity, params_digest
 from lesionml.training import fit, seed_everything
 from lesionml.workspace import Workspace
 
@@ -75,23 +74,9 @@ def _train(
     image_size = (int(train_x.shape[1]), int(train_x.shape[2]))
     model_cfg = getattr(params.models, name)
     model = build_model(name, model_cfg, image_size, norm, len(CLASSES), train_cfg.precision)
-    # Resumable state lives in a folder keyed by everything that defines the training run.
-    key = hashlib.sha256(
-        json.dumps(
-            [
-                name,
-                images.sha256,
-                split.sha256,
-                stats.sha256,
-                model_cfg.model_dump(mode="json"),
-                train_cfg.model_dump(mode="json"),
-                params.section("augment"),
-            ],
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
+    # Resumable state lives in a folder keyed by everything that defines the trained model.
     out = ws.model_dir(name)
-    workdir = out / ".work" / key
+    workdir = out / ".work" / model_identity(name, params, images.sha256, split.sha256, stats.sha256)
     hooks = [lambda epoch, m: tracking.log_metrics(run_id, m, step=epoch)] if run_id else []
     print(
         f"training {name}: {len(train_x)} train / {len(val_x)} val images of {image_size[0]}x{image_size[1]}, "

@@ -1,4 +1,4 @@
-"""Prefect tasks for the model stages: train one model, evaluate one model."""
+"""Prefect tasks for the model stages: train one model, evaluate one model, register them."""
 
 from __future__ import annotations
 
@@ -7,43 +7,24 @@ from typing import Any
 
 from prefect import task
 
-from lesionml import evaluation, inference, model_card, model_stages, models, plots, training
-from lesionml.config import EvaluateConfig, Params
-from lesionml.data import augment, stages
+from lesionml import model_stages
+from lesionml.config import Params
 from lesionml.io import Artifact
+from lesionml.provenance import model_identity
 from lesionml.tracking import RunContext
 from lesionml.workspace import Workspace
 from tasks._stage import as_dicts, retry_transient, stage_cache_key
 
 
-def _train_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """Only what defines the trained weights; tracking and unrelated params stay out of the key."""
-    p = inputs["params"]
-    return {
-        "name": inputs["name"],
-        "artifacts": [inputs["images_npz"], inputs["split_csv"], inputs["stats_json"]],
-        "workspace": inputs["workspace"],
-        "model": p["models"][inputs["name"]],
-        # What this model trains with (its own settings applied), by the rule training itself uses.
-        "train": Params.model_validate(p).train_for(inputs["name"]).model_dump(mode="json"),
-        "augment": p["augment"],
-    }
+def _trained_model(inputs: dict[str, Any]) -> str:
+    """The train key: what defines the trained weights, by the rule its resume folder uses too."""
+    shas = (inputs[k]["sha256"] for k in ("images_npz", "split_csv", "stats_json"))
+    return model_identity(inputs["name"], Params.model_validate(inputs["params"]), *shas)
 
 
 @task(
     name="train",
-    cache_key_fn=stage_cache_key(
-        model_stages.train,
-        model_stages._train,
-        model_stages._labels,
-        stages.load_split_images,
-        stages.read_stats,
-        augment,
-        models,
-        training,
-        *models.modules(),
-        select=_train_key_inputs,
-    ),
+    cache_key_fn=stage_cache_key("train", select=_trained_model),
     retries=1,
     retry_delay_seconds=10,
     retry_condition_fn=retry_transient,
@@ -60,22 +41,12 @@ def train(
         Params.model_validate(params),
         RunContext(**run) if run else None,
     )
-    return as_dicts(out)
+    return as_dicts(out, workspace)
 
 
 @task(
     name="evaluate",
-    cache_key_fn=stage_cache_key(
-        model_stages.evaluate,
-        model_stages._decision_rule,
-        model_stages._labels,
-        stages.load_split_images,
-        evaluation,
-        plots,
-        inference.predict_proba,
-        inference.adjust_probabilities,
-        inference.log_probabilities,
-    ),
+    cache_key_fn=stage_cache_key("evaluate"),
     retries=1,
     retry_condition_fn=retry_transient,
 )
@@ -89,20 +60,14 @@ def evaluate(
         Artifact(**images_npz),
         Artifact(**split_csv),
         Workspace(Path(workspace)),
-        EvaluateConfig(**params),
+        Params.model_validate(params).evaluate,
     )
-    return as_dicts(out)
-
-
-def _register_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The evaluated artifacts and the registry rule; the commit and other params stay out."""
-    keep = ("models", "manifest_csv", "release_json", "split_csv", "workspace")
-    return {**{k: inputs[k] for k in keep}, "registry": inputs["params"]["registry"]}
+    return as_dicts(out, workspace)
 
 
 @task(
     name="register",
-    cache_key_fn=stage_cache_key(model_stages.register, model_card, select=_register_key_inputs),
+    cache_key_fn=stage_cache_key("register", ignore=("git_commit",)),
     retries=1,
     retry_condition_fn=retry_transient,
 )
@@ -119,4 +84,4 @@ def register(
         Params.model_validate(params),
         git_commit,
     )
-    return as_dicts(out)
+    return as_dicts(out, workspace)

@@ -1,7 +1,7 @@
 """Plain helpers shared by the test modules (`from tests.helpers import ...`): paths to the
 bundled sample and the shared full data, and releases and params files built in temp folders.
 
-Imports nothing of Prefect, TensorFlow or the pipeline beyond the config's model names.
+Imports nothing of Prefect, TensorFlow or the pipeline beyond the config.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from lesionml.config import MODEL_NAMES
+from lesionml.config import MODEL_NAMES, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -23,6 +24,23 @@ FULL = ROOT.parent / "shared" / "data" / "ham10000"
 METADATA = "HAM10000_metadata.csv"
 LAYOUTS = ("flat", "parts", "zips")
 PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
+
+
+def project_params(*overrides: str) -> Params:
+    """The project's params.yaml with `--set`-style overrides: the code has no defaults to fall back on."""
+    return load_params(ROOT / "params.yaml", list(overrides))
+
+
+def config(section: str, **values) -> BaseModel:
+    """One section of the project's params ("train", "models.cnn", ...) with `values` set, validated.
+
+    A unit test states the settings its assertions depend on in `values`; the rest are the
+    project's, which any valid setting must survive.
+    """
+    node = project_params()
+    for part in section.split("."):
+        node = getattr(node, part)
+    return type(node).model_validate({**node.model_dump(), **values})
 
 
 def full_data_or_skip() -> Path:

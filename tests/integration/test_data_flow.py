@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from cli.main import main
 from flows.pipeline import pipeline
@@ -82,6 +84,21 @@ def test_cache_hits_param_changes_and_deleted_outputs(project, release):
     assert back["cached"] == _cached(True, True, False, False, False)
     for name in ("split.split", "normalize.stats"):
         assert _sha(back, name) == _sha(first, name), f"{name}: same params give the same bytes"
+
+
+def test_a_copy_of_the_workspace_at_another_path_is_all_cache_hits(project, tmp_path):
+    """No absolute path in a key or a cached result: a second clone with the same outputs reuses them."""
+    first = _run(project)
+    tree = yaml.safe_load(project.read_text())
+    clone = tmp_path / "elsewhere"
+    shutil.copytree(first["workspace"], clone / "ws")
+    tree["data"]["workspace"] = "ws"
+    (clone / "params.yaml").write_text(yaml.safe_dump(tree))
+    again = _run(clone / "params.yaml")
+    assert again["cached"] == _cached(True, True, True, True, True)
+    for name, art in again["artifacts"].items():
+        assert Path(art["path"]).is_relative_to(clone / "ws"), name
+        assert art["sha256"] == first["artifacts"][name]["sha256"], name
 
 
 def _fingerprint(result: dict) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,21 @@ def test_every_stage_ran_then_everything_was_cached(full_run):
     }
     assert not any(first["cached"].values())
     assert all(second["cached"].values()), second["cached"]
+
+
+def test_a_copy_of_the_workspace_at_another_path_is_all_cache_hits(full_run, tmp_path):
+    """Train and register keys hold content, not the workspace path: a second clone reuses the models."""
+    from flows.pipeline import pipeline
+
+    params, first, _ = full_run
+    clone = tmp_path / "clone"
+    shutil.copytree(first["workspace"], clone / "ws")
+    (clone / "params.yaml").write_text(yaml.safe_dump({**params, "data": {**params["data"], "workspace": "ws"}}))
+    again = pipeline(params_file=str(clone / "params.yaml"))
+    assert all(again["cached"].values()), again["cached"]
+    for name, art in again["artifacts"].items():
+        assert Path(art["path"]).is_relative_to(clone / "ws"), name
+        assert art["sha256"] == first["artifacts"][name]["sha256"], name
 
 
 def test_mlflow_records_parent_and_nested_model_runs(full_run):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, SAMPLE, write_params
+from tests.helpers import ROOT, SAMPLE, project_params, write_params
 
 # Everything the project runs: the library, the Prefect tasks and flows, the CLI, and its scripts.
 CODE_DIRS = ("lesionml", "tasks", "flows", "cli", "scripts", "bench")
@@ -281,7 +281,6 @@ SECRET = "s3cret-Pa55"
 def test_tracking_credentials_are_never_logged_as_params(uri, monkeypatch):
     """log_params is what the pipeline run and every model run log their params with."""
     from lesionml import tracking
-    from lesionml.config import Params, TrackingConfig
 
     logged: list = []
 
@@ -290,7 +289,7 @@ def test_tracking_credentials_are_never_logged_as_params(uri, monkeypatch):
             logged.extend([*params, *tags])
 
     monkeypatch.setattr(tracking, "client", Client)
-    params = Params(tracking=TrackingConfig(uri=uri))
+    params = project_params(f"tracking.uri={uri}")
     tracking.log_params("run", params, {"model.name": "cnn"})
     assert logged, "nothing logged: the fake client is not the one used"
     leaked = sorted(f"{p.key}={p.value}" for p in logged if SECRET in f"{p.key}={p.value}")
