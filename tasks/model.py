@@ -1,4 +1,5 @@
-"""Prefect tasks for the model stages: train one model, evaluate one model."""
+"""Prefect tasks for the model stages: each runs a library stage and hands its result to the
+tracking layer (lesionml/tracking.py), which logs it; the stages never talk to MLflow."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from typing import Any
 
 from prefect import task
 
-from lesionml import evaluation, inference, model_card, model_stages, models, plots, training
+from lesionml import evaluation, inference, model_card, model_stages, models, plots, tracking, training
 from lesionml.config import EvaluateConfig, Params
 from lesionml.data import augment, stages
 from lesionml.io import Artifact
-from lesionml.tracking import RunContext
 from lesionml.workspace import Workspace
 from tasks._stage import as_dicts, retry_transient, stage_cache_key
 
@@ -51,16 +51,19 @@ def _train_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 def train(
     name: str, images_npz: dict, split_csv: dict, stats_json: dict, workspace: str, params: dict, run: dict | None
 ) -> dict:
-    out = model_stages.train(
-        name,
-        Artifact(**images_npz),
-        Artifact(**split_csv),
-        Artifact(**stats_json),
-        Workspace(Path(workspace)),
-        Params.model_validate(params),
-        RunContext(**run) if run else None,
-    )
-    return as_dicts(out)
+    with tracking.model_run(tracking.RunContext.from_dict(run) if run else None, name) as run_id:
+        result = model_stages.train(
+            name,
+            Artifact(**images_npz),
+            Artifact(**split_csv),
+            Artifact(**stats_json),
+            Workspace(Path(workspace)),
+            Params.model_validate(params),
+            run_id,
+            on_epoch=tracking.epoch_logger(run_id) if run_id else None,
+            on_trained=(lambda trained: tracking.log_training(run_id, trained)) if run_id else None,
+        )
+    return as_dicts(result.artifacts)
 
 
 @task(
@@ -82,7 +85,7 @@ def train(
 def evaluate(
     name: str, model_keras: dict, summary_json: dict, images_npz: dict, split_csv: dict, workspace: str, params: dict
 ) -> dict:
-    out = model_stages.evaluate(
+    result = model_stages.evaluate(
         name,
         Artifact(**model_keras),
         Artifact(**summary_json),
@@ -91,7 +94,8 @@ def evaluate(
         Workspace(Path(workspace)),
         EvaluateConfig(**params),
     )
-    return as_dicts(out)
+    tracking.log_evaluation(result)
+    return as_dicts(result.artifacts)
 
 
 def _register_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -102,21 +106,39 @@ def _register_key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 
 @task(
     name="register",
-    cache_key_fn=stage_cache_key(model_stages.register, model_card, select=_register_key_inputs),
+    cache_key_fn=stage_cache_key(
+        model_stages.registration,
+        model_stages.register,
+        model_stages.decide_promotion,
+        model_stages.class_indices,
+        model_card,
+        select=_register_key_inputs,
+    ),
     retries=1,
     retry_condition_fn=retry_transient,
 )
 def register(
     models: dict, manifest_csv: dict, release_json: dict, split_csv: dict, workspace: str, params: dict, git_commit: str
 ) -> dict:
-    """Cached on the evaluated artifacts: re-running an unchanged pipeline registers nothing new."""
-    out = model_stages.register(
-        {name: {k: Artifact(**a) for k, a in arts.items()} for name, arts in models.items()},
+    """Register every evaluated model; move `challenger`, and `champion` only on evidence.
+
+    Cached on the evaluated artifacts: re-running an unchanged pipeline registers nothing
+    new. The champion is asked for its test predictions before anything is registered, and
+    the aliases move last, so a run that fails on the way changes neither.
+    """
+    p = Params.model_validate(params)
+    name = p.registry.model_name
+    offer = model_stages.registration(
+        {model: {k: Artifact(**a) for k, a in arts.items()} for model, arts in models.items()},
         Artifact(**manifest_csv),
         Artifact(**release_json),
         Artifact(**split_csv),
-        Workspace(Path(workspace)),
-        Params.model_validate(params),
+        p,
         git_commit,
     )
-    return as_dicts(out)
+    champion = tracking.champion_predictions(name, offer.test.images)
+    versions = tracking.register_versions(offer, name, p.evaluate.tta)
+    result = model_stages.register(offer, versions, champion, Workspace(Path(workspace)), p)
+    tracking.log_registration(name, offer, result)
+    print(f"registry: {result.decision['reason']}")
+    return as_dicts(result.artifacts)
