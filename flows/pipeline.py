@@ -89,7 +89,7 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
     from tasks import model  # imported here: scikit-learn, Keras and MLflow cost seconds a data-only run never needs
 
     commit = tracking.git_commit(Path(params_file).parent)
-    parent = _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, commit)
+    parent, datasets = _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, commit)
     ok = store_gone = False
     evaluated: dict[str, dict] = {}
     try:
@@ -101,7 +101,7 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 images_npz=prep["images"],
                 split_csv=split["split"],
                 stats_json=norm["stats"],
-                run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name})),
+                run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name}, datasets)),
             )
             evaluated[name] = {"model": trained["model"], "summary": trained["summary"]}
             if reach < STAGES.index("evaluate"):
@@ -152,16 +152,22 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
     return result
 
 
-def _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, commit: str) -> str:
-    """The parent MLflow run: params, data fingerprint, split sizes, code version, data artifacts."""
+def _start_pipeline_run(
+    experiment_id, params, ingested, split, norm, aug, commit: str
+) -> tuple[str, tuple[tracking.SplitDataset, ...]]:
+    """The parent MLflow run: params, data fingerprint, split sizes, code version, data artifacts,
+    and the release's splits as its dataset inputs (returned for the model runs to log too)."""
     release = json.loads(Path(ingested["release"]["path"]).read_text())
     counts = split_counts(pd.read_csv(split["split"]["path"]))
     tags = {"lesionml.data_fingerprint": release["fingerprint"], "git_commit": commit}
     run_id = tracking.start_run(experiment_id, "pipeline", tags)
-    extra = {f"split.n_{s}": int(counts.loc["total", s]) for s in counts.columns}
+    sizes = {s: int(counts.loc["total", s]) for s in counts.columns}
+    extra = {f"split.n_{s}": n for s, n in sizes.items()}
     extra.update({"data.fingerprint": release["fingerprint"], "data.n_images": release["images"]})
     tracking.log_params(run_id, params, extra)
+    datasets = tracking.release_datasets(params.data.source, release["fingerprint"], sizes)
+    tracking.log_datasets(run_id, datasets)
     tracking.log_artifact(run_id, aug["preview"]["path"], "data")
     tracking.log_artifact(run_id, norm["stats"]["path"], "data")
     tracking.log_text(run_id, counts.to_string(), "data/split_counts.txt")
-    return run_id
+    return run_id, datasets

@@ -1,4 +1,5 @@
-"""Prefect tasks for the model stages: train one model, evaluate one model, register them."""
+"""Prefect tasks for the model stages: each runs a library stage and hands its result to the
+tracking layer (lesionml/tracking.py), which logs it; the stages never talk to MLflow."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from typing import Any
 
 from prefect import task
 
-from lesionml import model_stages
+from lesionml import model_stages, tracking
 from lesionml.config import Params
 from lesionml.io import Artifact
 from lesionml.provenance import model_identity
-from lesionml.tracking import RunContext
 from lesionml.workspace import Workspace
 from tasks._stage import as_dicts, retry_transient, stage_cache_key
 
@@ -32,16 +32,19 @@ def _trained_model(inputs: dict[str, Any]) -> str:
 def train(
     name: str, images_npz: dict, split_csv: dict, stats_json: dict, workspace: str, params: dict, run: dict | None
 ) -> dict:
-    out = model_stages.train(
-        name,
-        Artifact(**images_npz),
-        Artifact(**split_csv),
-        Artifact(**stats_json),
-        Workspace(Path(workspace)),
-        Params.model_validate(params),
-        RunContext(**run) if run else None,
-    )
-    return as_dicts(out, workspace)
+    with tracking.model_run(tracking.RunContext.from_dict(run) if run else None, name) as run_id:
+        result = model_stages.train(
+            name,
+            Artifact(**images_npz),
+            Artifact(**split_csv),
+            Artifact(**stats_json),
+            Workspace(Path(workspace)),
+            Params.model_validate(params),
+            run_id,
+            on_epoch=tracking.epoch_logger(run_id) if run_id else None,
+            on_trained=(lambda trained: tracking.log_training(run_id, trained)) if run_id else None,
+        )
+    return as_dicts(result.artifacts, workspace)
 
 
 @task(
@@ -53,7 +56,7 @@ def train(
 def evaluate(
     name: str, model_keras: dict, summary_json: dict, images_npz: dict, split_csv: dict, workspace: str, params: dict
 ) -> dict:
-    out = model_stages.evaluate(
+    result = model_stages.evaluate(
         name,
         Artifact(**model_keras),
         Artifact(**summary_json),
@@ -62,7 +65,8 @@ def evaluate(
         Workspace(Path(workspace)),
         Params.model_validate(params).evaluate,
     )
-    return as_dicts(out, workspace)
+    tracking.log_evaluation(result)
+    return as_dicts(result.artifacts, workspace)
 
 
 @task(
@@ -74,14 +78,25 @@ def evaluate(
 def register(
     models: dict, manifest_csv: dict, release_json: dict, split_csv: dict, workspace: str, params: dict, git_commit: str
 ) -> dict:
-    """Cached on the evaluated artifacts: re-running an unchanged pipeline registers nothing new."""
-    out = model_stages.register(
-        {name: {k: Artifact(**a) for k, a in arts.items()} for name, arts in models.items()},
+    """Register every evaluated model; move `challenger`, and `champion` only on evidence.
+
+    Cached on the evaluated artifacts: re-running an unchanged pipeline registers nothing
+    new. The champion is asked for its test predictions before anything is registered, and
+    the aliases move last, so a run that fails on the way changes neither.
+    """
+    p = Params.model_validate(params)
+    name = p.registry.model_name
+    offer = model_stages.registration(
+        {model: {k: Artifact(**a) for k, a in arts.items()} for model, arts in models.items()},
         Artifact(**manifest_csv),
         Artifact(**release_json),
         Artifact(**split_csv),
-        Workspace(Path(workspace)),
-        Params.model_validate(params),
+        p,
         git_commit,
     )
-    return as_dicts(out, workspace)
+    champion = tracking.champion_predictions(name, offer.test.images)
+    versions = tracking.register_versions(offer, name, p.evaluate.tta)
+    result = model_stages.register(offer, versions, champion, Workspace(Path(workspace)), p)
+    tracking.log_registration(name, offer, result)
+    print(f"registry: {result.decision['reason']}")
+    return as_dicts(result.artifacts, workspace)

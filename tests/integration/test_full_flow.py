@@ -188,23 +188,83 @@ def test_served_champion_decides_exactly_as_it_was_evaluated(full_run):
     np.testing.assert_allclose(served[columns].to_numpy(), test[columns].to_numpy(), atol=1e-5)
 
 
-def test_champion_moves_only_on_a_significant_win(full_run, tmp_path):
+def test_a_later_run_is_judged_by_the_rule_on_the_champions_served_predictions(full_run):
+    """Whichever way a 1-epoch challenger on the sample goes, the decision is the promotion rule's
+    on the champion's served test predictions, and the aliases follow it. (Both outcomes for
+    certain: test_promotion_flow.py, on releases built for them.)"""
+    import pandas as pd
     from mlflow import MlflowClient
 
     from flows.pipeline import pipeline
+    from lesionml import tracking
+    from lesionml.config import RegistryConfig, TrackingConfig
+    from lesionml.model_stages import Contender, class_indices, decide_promotion
 
     params, first, _ = full_run
     params_file = Path(first["workspace"]).parent / "params.yaml"
     third = pipeline(params_file=str(params_file), overrides=["train.seed=5", "train.epochs=1"])
     decision = json.loads(Path(third["artifacts"]["register.decision"]["path"]).read_text())
-    assert decision["promote"] == (decision["delta"] > 0 and decision["p_value"] < decision["alpha"])
+    name = params["registry"]["model_name"]
+    champion = decision["champion"]["version"]
     client = MlflowClient(params["tracking"]["uri"])
-    aliases = client.get_registered_model(params["registry"]["model_name"]).aliases
+    crowned = client.get_run(client.get_model_version(name, champion).run_id)
+    assert crowned.data.tags["mlflow.parentRunId"] == first["mlflow_run_id"], "the champion the first run crowned"
+
+    split = pd.read_csv(third["artifacts"]["split.split"]["path"])
+    test = split[split.split == "test"].reset_index(drop=True)
+    images = [(SAMPLE / "images" / f"{i}.jpg").read_bytes() for i in test.image_id]
+    tracking.connect(TrackingConfig(**params["tracking"]))
+    served = tracking.load_pyfunc(f"models:/{name}/{champion}").predict(pd.DataFrame({"image": images}))
+    table = pd.read_csv(third["artifacts"][f"evaluate.{decision['challenger']['model']}.predictions"]["path"])
+    challenger = table[table.split == "test"].set_index("image_id").loc[test.image_id, "predicted"]
+    expected = decide_promotion(
+        class_indices(test.dx),
+        test.lesion_id.to_numpy(),
+        Contender(decision["challenger"]["version"], class_indices(challenger)),
+        Contender(champion, class_indices(served.predicted)),
+        RegistryConfig(**params["registry"]),
+        params["split"]["seed"],
+    )
+    assert {k: decision[k] for k in expected} == expected
+
+    aliases = client.get_registered_model(name).aliases
     assert str(aliases["challenger"]) == decision["challenger"]["version"]
-    expected = decision["challenger"]["version"] if decision["promote"] else decision["champion"]["version"]
-    assert str(aliases["champion"]) == expected
+    assert str(aliases["champion"]) == (decision["challenger"]["version"] if decision["promote"] else champion)
     parent = client.get_run(third["mlflow_run_id"])
     assert parent.data.tags["lesionml.registry_decision"] == decision["reason"]
+
+
+def test_runs_use_the_release_splits_as_datasets_and_trainings_record_system_metrics(full_run):
+    """The MLflow UI's dataset column and lineage: the pipeline run and each model run use the
+    release's train, validation and test splits; a training run's system metrics show CPU and
+    memory over its course."""
+    from mlflow import MlflowClient
+
+    params, first, _ = full_run
+    client = MlflowClient(params["tracking"]["uri"])
+    release = json.loads(Path(first["artifacts"]["ingest.release"]["path"]).read_text())
+    parent = client.get_run(first["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    sizes = {"train": "split.n_train", "validation": "split.n_val", "test": "split.n_test"}
+    for run in [parent, *children]:
+        inputs = {}
+        for i in run.inputs.dataset_inputs:
+            tags = {t.key: t.value for t in i.tags}
+            inputs[tags["mlflow.data.context"]] = (i.dataset, tags)
+        assert set(inputs) == {"train", "validation", "test"}, run.info.run_name
+        for context, (dataset, tags) in inputs.items():
+            assert dataset.name == f"sample-{context}"
+            assert dataset.digest == release["fingerprint"][:36]
+            assert dataset.source_type == "local" and json.loads(dataset.source) == {"uri": str(SAMPLE.resolve())}
+            assert json.loads(dataset.profile) == {"release_fingerprint": release["fingerprint"]}
+            assert tags["lesionml.images"] == parent.data.params[sizes[context]]
+
+    assert not [k for k in parent.data.metrics if k.startswith("system/")], "only training runs are sampled"
+    for run in children:
+        cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        memory = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+        assert cpu and memory, f"{run.info.run_name}: no system metrics"
+        assert all(0 <= m.value <= 100 for m in cpu) and all(m.value > 0 for m in memory)
 
 
 def test_predict_cli_good_and_bad_files(full_run, tmp_path, capsys):
