@@ -93,15 +93,17 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _stop(pid: int, seconds: float = 30) -> None:
-    """SIGTERM the process group, SIGKILL it if it outlives `seconds`."""
+def _stop(*pids: int, seconds: float = 30) -> None:
+    """SIGTERM the process groups together, SIGKILL those that outlive `seconds`."""
     for sig, wait in ((signal.SIGTERM, seconds), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
         deadline = time.monotonic() + wait
-        while _alive(pid) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not _alive(pid):
+        pids = tuple(pid for pid in pids if _alive(pid))
+        if not pids:
             return
 
 
@@ -403,8 +405,7 @@ def up(args: argparse.Namespace, folder: Path) -> None:
         _write_state(folder, state)
         _wait_worker(f"{prefect_url}/api", args.pool, pid, logs / "worker.log")
     except BaseException:
-        for pid in reversed(started):
-            _stop(pid)
+        _stop(*started)
         if managed and "data" in state["postgres"]:
             _stop_postgres(Path(state["postgres"]["data"]))
         _state_file(folder).unlink(missing_ok=True)
@@ -460,9 +461,11 @@ def down(args: argparse.Namespace, folder: Path) -> None:
     state = _read_state(folder)
     if state is None:
         raise LesionMLError(f"no stack in {folder} (no stack.json): nothing to stop")
-    for name in reversed(SERVICES):
-        if name in state and _alive(state[name]["pid"]):
-            _stop(state[name]["pid"])
+    # The worker first, so it does not try to reach servers that are going away; then both servers.
+    for names in (("worker",), ("mlflow", "prefect")):
+        running = [name for name in names if name in state and _alive(state[name]["pid"])]
+        _stop(*(state[name]["pid"] for name in running))
+        for name in running:
             print(f"stopped {NAMES[name]} (pid {state[name]['pid']})")
     data = state.get("postgres", {}).get("data")
     if data and (Path(data) / "postmaster.pid").exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,7 @@ FULL = ROOT.parent / "shared" / "data" / "ham10000"
 METADATA = "HAM10000_metadata.csv"
 LAYOUTS = ("flat", "parts", "zips")
 PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
+LESIONML = str(Path(sys.executable).parent / "lesionml")  # the venv's command, for tests that run it as users do
 
 
 # Training settings that keep a whole retraining run on the sample to seconds of training.
