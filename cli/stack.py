@@ -56,8 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="127.0.0.1",
         help="address the MLflow and Prefect servers bind (default 127.0.0.1; anything else exposes them)",
     )
-    up.add_argument("--mlflow-port", type=int, default=5000)
-    up.add_argument("--prefect-port", type=int, default=4200)
+    up.add_argument("--mlflow-port", type=int, default=5000, help="(default 5000)")
+    up.add_argument("--prefect-port", type=int, default=4200, help="(default 4200)")
     up.add_argument("--postgres-port", type=int, default=5433, help="for the stack's own PostgreSQL (default 5433)")
     up.add_argument(
         "--database-url",
@@ -156,8 +156,8 @@ def _as_postgres(argv: list[str]) -> list[str]:
 def _pg(argv: list[str], what: str, log: Path) -> None:
     done = subprocess.run(_as_postgres(argv), capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        message = (done.stderr or done.stdout).strip().splitlines()
-        raise LesionMLError(f"PostgreSQL {what} failed: {message[-1] if message else done.returncode} (see {log})")
+        message = " ".join(line.strip() for line in (done.stderr or done.stdout).strip().splitlines())
+        raise LesionMLError(f"PostgreSQL {what} failed: {message[-300:] or done.returncode} (see {log})")
 
 
 def _start_postgres(folder: Path, port: int, log: Path) -> str:
@@ -292,7 +292,6 @@ def _read_state(folder: Path) -> dict | None:
 
 def _write_state(folder: Path, state: dict) -> None:
     io.write_json(_state_file(folder), state)
-    _state_file(folder).chmod(0o600)  # holds the database URL with its password
 
 
 def _running(state: dict) -> dict[str, int]:
