@@ -475,33 +475,43 @@ def down(args: argparse.Namespace, folder: Path) -> None:
 
 
 def status(args: argparse.Namespace, folder: Path) -> None:
-    """One line per service; a stack that is only partly up is an error naming what is down."""
+    """One line per service; a stack that is only partly up (a service stopped, or a server
+    whose process lives but does not answer) is an error naming what is wrong."""
     state = _read_state(folder)
     if state is None:
         print(f"no stack in {folder}")
         return
     running = _running(state)
-    down_ones = []
+    problems = {}
     for name in ("postgres", *SERVICES):
         if name == "postgres" and not state["postgres"].get("managed"):
             print(f"  {NAMES[name]:<15} external")
             continue
         if name not in running:
-            down_ones.append(name)
+            problems[name] = "stopped"
             print(f"  {NAMES[name]:<15} not running")
             continue
         service = state.get(name, {})
         health = service.get("health")
-        answer = "" if not health else (" answers" if _answers(health) else " does not answer")
+        answer = ""
+        if health:
+            answer = " answers" if _answers(health) else " does not answer"
+            if answer == " does not answer":
+                problems[name] = "does not answer"
         where = service.get("url") or service.get("cwd") or state["postgres"].get("data")
         print(f"  {NAMES[name]:<15} pid {running[name]:<7} {where}{answer}")
-    if down_ones and len(down_ones) < len(SERVICES) + 1:
+    if problems and running:
         logs = folder / "logs"
         which = ", ".join(
-            f"the {NAMES[n]} ({logs / (n + '.log')}: {_last_line(logs / (n + '.log'))})" for n in down_ones
+            f"the {NAMES[n]} {problem} ({logs / (n + '.log')}: {_last_line(logs / (n + '.log'))})"
+            for n, problem in problems.items()
         )
-        worker = " while the worker runs: scheduled runs cannot start" if "worker" in running else ""
+        worker = (
+            " while the worker runs: scheduled runs cannot start"
+            if "prefect" in problems and "worker" in running
+            else ""
+        )
         raise LesionMLError(
-            f"stack in {folder} is only partly up: {which} stopped{worker}; "
+            f"stack in {folder} is only partly up: {which}{worker}; "
             f"`lesionml stack down --dir {args.dir}` then `up` restarts it"
         )
