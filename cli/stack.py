@@ -28,12 +28,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 from lesionml import io
 from lesionml.errors import LesionMLError
-from lesionml.tracking import redact
 
 PG_BIN = Path(os.environ.get("LESIONML_PG_BIN", "/usr/lib/postgresql/15/bin"))
 DATABASES = {"mlflow": "lesionml_mlflow", "prefect": "lesionml_prefect"}
 SERVICES = ("mlflow", "prefect", "worker")  # started in this order, stopped in reverse
 NAMES = {"postgres": "PostgreSQL", "mlflow": "MLflow server", "prefect": "Prefect server", "worker": "worker"}
+# Imported by every `lesionml` command (the parser): nothing heavy at module level.
 QUIET = {  # no usage reports from any of the services
     "DO_NOT_TRACK": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -234,6 +234,8 @@ def _database_urls(admin_url: str) -> dict[str, str]:
     import psycopg2
     from psycopg2 import sql
 
+    from lesionml.tracking import redact
+
     parts = urlsplit(admin_url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise LesionMLError(f"database URL {redact(admin_url)}: expected postgresql://USER:PASSWORD@HOST:PORT/DB")
@@ -310,6 +312,8 @@ def _running(state: dict) -> dict[str, int]:
 
 
 def up(args: argparse.Namespace, folder: Path) -> None:
+    from lesionml.tracking import redact  # credentials in a --database-url are never printed
+
     state = _read_state(folder)
     if state and (running := _running(state)):
         which = ", ".join(f"{NAMES[n]} (pid {p})" for n, p in running.items())
