@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(retrain, source=False)
     schedule = sub.add_parser(
-        "schedule", help="serve the retraining flow as a Prefect deployment on a cron schedule (needs PREFECT_API_URL)"
+        "schedule",
+        help="deploy the retraining flow to a Prefect work pool on a cron schedule (needs PREFECT_API_URL)",
     )
     _common(schedule, source=False)
     when = schedule.add_mutually_exclusive_group()
@@ -70,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="fire every SECONDS instead of on a cron schedule (for trying it out, and tests)",
     )
     schedule.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    schedule.add_argument(
+        "--pool", default="lesionml", help="process work pool, created if missing (default: lesionml)"
+    )
+    schedule.add_argument(
+        "--serve", action="store_true", help="run the scheduled runs in this process until Ctrl-C (no worker needed)"
+    )
+    from cli.stack import add_parser as add_stack_parser
+
+    add_stack_parser(sub)
     predict = sub.add_parser("predict", help="classify image files or folders with a registered model")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--model", help="NAME@ALIAS (default: <registry.model_name>@champion)")
@@ -85,47 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: not reachable from other machines)"
     )
     return parser
-
-
-def _schedule(args: argparse.Namespace) -> None:
-    from lesionml.config import load_params
-
-    params = load_params(args.params, args.overrides)
-    cron = args.cron or params.schedule.cron
-    _quiet_environment()
-    from prefect.schedules import Cron, Interval
-    from prefect.settings import get_current_settings
-
-    api = get_current_settings().api.url
-    if not api:
-        raise LesionMLError(
-            "scheduling needs a running Prefect server: start one with `prefect server start --host 127.0.0.1` "
-            "and export PREFECT_API_URL=http://127.0.0.1:4200/api"
-        )
-    from flows.retrain import retrain
-
-    if args.interval is not None:
-        if args.interval < 10:
-            raise LesionMLError(f"--interval {args.interval}: fire at most every 10 seconds")
-        schedule, when = Interval(args.interval, timezone=params.schedule.timezone), f"every {args.interval} s"
-    else:
-        try:
-            schedule = Cron(cron, timezone=params.schedule.timezone)
-        except ValueError as exc:
-            raise LesionMLError(f"cron schedule '{cron}' is invalid: {exc}") from None
-        when = f"cron '{cron}' ({params.schedule.timezone})"
-    print(
-        f"deployment lesionml-retrain/{args.name} on {api}: {when}; Ctrl-C stops serving (the schedule is paused)",
-        flush=True,
-    )
-    retrain.serve(
-        name=args.name,
-        schedules=[schedule],
-        parameters={"params_file": str(Path(args.params).resolve()), "overrides": list(args.overrides)},
-        description="Re-ingest the configured release; retrain, evaluate and register unless nothing changed.",
-        limit=1,  # one retraining at a time: a run that outlasts the interval is not overlapped
-        print_starting_message=False,
-    )
 
 
 def _retrain(args: argparse.Namespace) -> None:
@@ -405,7 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "retrain":
             _retrain(args)
         elif args.command == "schedule":
-            _schedule(args)
+            from cli.schedule import schedule
+
+            schedule(args)
+        elif args.command == "stack":
+            from cli.stack import stack
+
+            stack(args)
         elif args.command == "ui":
             _ui(args)
         elif args.command == "predict":

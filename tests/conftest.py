@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.helpers import METADATA, SAMPLE, build_release, whole_lesion_rows, write_params
+from tests.helpers import METADATA, SAMPLE, build_release, free_port, whole_lesion_rows, write_params
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has set up tmp_path_factory
@@ -82,12 +81,6 @@ def params_file(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 ServerStarter = Callable[[list[str], str, dict[str, str], Path], tuple[subprocess.Popen, str]]
 
 
@@ -104,7 +97,7 @@ def start_server() -> Iterator[ServerStarter]:
     started: list[subprocess.Popen] = []
 
     def start(argv: list[str], health_path: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         with open(log, "ab") as out:  # the child holds its own copy of the descriptor
             proc = subprocess.Popen(

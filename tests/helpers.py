@@ -6,7 +6,13 @@ Imports nothing of Prefect, TensorFlow or the pipeline beyond the config.
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -24,6 +30,65 @@ FULL = ROOT.parent / "shared" / "data" / "ham10000"
 METADATA = "HAM10000_metadata.csv"
 LAYOUTS = ("flat", "parts", "zips")
 PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
+LESIONML = str(Path(sys.executable).parent / "lesionml")  # the venv's command, for tests that run it as users do
+
+
+# Training settings that keep a whole retraining run on the sample to seconds of training.
+TINY = {
+    "data": {"image_size": [32, 40]},
+    "models": {"enabled": ["cnn"], "cnn": {"filters": [8, 16], "dense_units": 16}},
+    "train": {"epochs": 1, "batch_size": 64},
+    "evaluate": {"bootstrap": 100},
+    "registry": {"bootstrap": 100},
+}
+
+
+def prefect_api(url: str, path: str, body: dict | None = None, method: str = "POST", attempts: int = 6):
+    """One Prefect REST call, retried like Prefect's own client does on 429/502/503.
+
+    The server answers 503 when its SQLite database is busy (a write from the serve process
+    or a background service holds the lock); the request did not happen and is safe to repeat.
+    """
+    data = None if method in ("GET", "DELETE") else json.dumps(body or {}).encode()
+    for attempt in range(attempts):
+        req = urllib.request.Request(
+            f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, method=method
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                body = r.read()
+                return json.loads(body) if body else None
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 502, 503) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
+def flow_run_logs(server: str, run_id: str, expect: str = "") -> str:
+    """The run's log messages, waiting a little for `expect` (logs reach the API in batches)."""
+    deadline = time.monotonic() + 15
+    while True:
+        logs = prefect_api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+        text = "\n".join(entry["message"] for entry in logs)
+        if expect in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
+def auto_scheduled_runs(server: str, deployment_id: str) -> list[dict]:
+    """The deployment's runs that the server's scheduler created, oldest tick first."""
+    runs = prefect_api(
+        server,
+        "/flow_runs/filter",
+        {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC"},
+    )
+    return [r for r in runs if r["auto_scheduled"]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def project_params(*overrides: str) -> Params:
