@@ -308,11 +308,13 @@ def log_classifier(
     tta: bool,
     temperature: float = 1.0,
     offsets: list[float] | None = None,
+    rule: str = "",
 ) -> str:
     """Log the servable pyfunc (image bytes in, classes out) beside the Keras model; returns its URI.
 
-    `tta`, the fitted `temperature` and the prior-correction `offsets` travel in the model's
-    config, so the served model predicts exactly as it was evaluated.
+    `tta`, the fitted `temperature` and the decision rule's `offsets` travel in the model's
+    config, so the served model predicts exactly as it was evaluated; `rule` says in words
+    which decision rule those offsets are.
     """
     import base64
     from importlib.metadata import version
@@ -336,7 +338,7 @@ def log_classifier(
             name="classifier",
             python_model=serving_model.__file__,  # model from code: nothing pickled
             artifacts={"keras_model": str(keras_file)},
-            model_config={"tta": tta, "temperature": temperature, "offsets": offsets},
+            model_config={"tta": tta, "temperature": temperature, "offsets": offsets, "rule": rule},
             # Either column: `image` (bytes, or base64 text in JSON) or `path` (files the server can read).
             signature=ModelSignature(
                 inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]),
