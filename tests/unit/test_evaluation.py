@@ -342,3 +342,49 @@ def test_paired_changes_of_identical_decisions_are_exactly_zero():
     pred = np.where(np.arange(len(y)) % 3 == 0, 5, y)
     changes = paired_changes(y, pred, pred, np.arange(len(y)), n=200)
     assert all(c["change"] == 0 and c["ci95"] == (0.0, 0.0) for c in changes.values())
+
+
+def test_the_melanoma_operating_point_is_served_and_stated_in_the_model_card():
+    """The stage's rule record end to end: offsets the served model applies reach the target on val,
+    and the model card says which rule it is, with the test cost and its intervals."""
+    import pandas as pd
+
+    from lesionml import model_card
+    from lesionml.config import EvaluateConfig
+    from lesionml.model_stages import _decision_rule
+
+    prior = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    labels, raw = {}, {}
+    for which, seed in (("train", 10), ("val", 11), ("test", 12)):
+        labels[which], raw[which] = _prior_learning_model(1500, prior, seed=seed)
+    rows = pd.DataFrame(
+        {
+            "split": np.repeat(["train", "val", "test"], 1500),
+            "dx": [CLASSES[k] for k in np.concatenate(list(labels.values()))],
+            "lesion_id": np.arange(4500) // 2,
+        }
+    )
+    del labels["train"], raw["train"]
+    cfg = EvaluateConfig(bootstrap=200, operating_point="melanoma_sensitivity", mel_sensitivity_target=0.8)
+    decision = _decision_rule(cfg, rows, labels, raw)
+    served = {s: adjust_probabilities(p, decision["temperature"], decision["offsets"]) for s, p in raw.items()}
+    assert _mel_rates(labels["val"], served["val"])[0] >= 0.8
+    assert decision["operating_point"] == "melanoma_sensitivity" and decision["prior_correction"]
+    assert decision["rule"].startswith(f"prior correction tau {decision['tau']:.2f}")
+    assert "chosen for validation melanoma sensitivity >= 0.80" in decision["rule"]
+
+    metrics = {"decision": decision}
+    for which, p in served.items():
+        lesions = rows[rows.split == which].lesion_id.to_numpy()
+        metrics[which] = {
+            **classification_metrics(labels[which], p),
+            "ece": expected_calibration_error(labels[which], p),
+            "ci95": lesion_bootstrap(labels[which], p, lesions, 200),
+        }
+    summary = {"model": "cnn", "parameters": 1000, "image_size": [75, 100], "epochs_run": 3, "best_epoch": 2}
+    release = {"images": 4500, "lesions": 2250, "fingerprint": "f" * 16}
+    card = model_card.render("lesionml", "3", summary, metrics, release, "", {"architecture": "cnn"})
+    assert "**Operating point: melanoma sensitivity.**" in card
+    assert f"melanoma sensitivity {metrics['test']['mel_sensitivity']:.3f} (95% CI" in card
+    assert f"accuracy {decision['test_change']['accuracy']['change']:+.3f} (95% CI" in card
+    assert f"The served model applies: {decision['rule']}." in card
