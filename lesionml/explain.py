@@ -126,19 +126,32 @@ def write_overlay(image: np.ndarray, heatmap: np.ndarray, title: str, path: Path
     save_figure(fig, path)
 
 
-def _grid(model: keras.Model, images: np.ndarray, picked: np.ndarray, classes: np.ndarray, titles, title, path):
-    """Rows of (image, overlay) pairs; a figure that says so when there is nothing to show."""
-    cols = 4
-    rows = max(1, int(np.ceil(len(picked) / cols)))
-    fig, axes = figure_grid(rows, 2 * cols, (2 * cols * 1.5, rows * 1.5))
-    heatmaps = gradcam(model, images[picked], classes[picked]) if len(picked) else []
-    for k, (i, heatmap) in enumerate(zip(picked, heatmaps, strict=True)):
-        left, right = axes[k // cols, 2 * (k % cols)], axes[k // cols, 2 * (k % cols) + 1]
-        left.imshow(images[i])
-        right.imshow(overlay(images[i], heatmap))
-        left.set_title(titles[i], fontsize=6, loc="left")
-    if not len(picked):
-        axes[0, 0].text(0, 0.5, "none in this split", fontsize=9)
+def _mosaic(images: np.ndarray, heatmaps: np.ndarray, cols: int, gap: int) -> np.ndarray:
+    """(image, overlay) pairs tiled `cols` pairs a row, `gap` white pixels above each row for
+    its titles: one array drawn with one imshow, many times faster than a subplot per image."""
+    height, width = images.shape[1:3]
+    rows = max(1, int(np.ceil(len(images) / cols)))
+    out = np.full((rows * (height + gap), cols * (2 * width + gap), 3), 255, np.uint8)
+    for k, (image, heatmap) in enumerate(zip(images, heatmaps, strict=True)):
+        top, left = (k // cols) * (height + gap) + gap, (k % cols) * (2 * width + gap)
+        out[top : top + height, left : left + width] = image
+        out[top : top + height, left + width : left + 2 * width] = overlay(image, heatmap)
+    return out
+
+
+def _grid(images: np.ndarray, heatmaps: np.ndarray, titles: list[str], title: str, path: Path, cols: int = 4) -> None:
+    """Each image beside its overlay, titled; a figure that says so when there is nothing to show."""
+    gap = max(8, images.shape[1] // 6)
+    mosaic = _mosaic(images, heatmaps, cols, gap)
+    scale = 1.6 / 100  # inches per pixel: small images stay readable
+    fig, axes = figure_grid(1, 1, (max(4.0, mosaic.shape[1] * scale), max(1.5, mosaic.shape[0] * scale + 0.4)))
+    ax = axes[0, 0]
+    ax.imshow(mosaic, interpolation="nearest")
+    height, width = images.shape[1:3]
+    for k, text in enumerate(titles):
+        ax.text((k % cols) * (2 * width + gap), (k // cols) * (height + gap) + gap - 2, text, fontsize=6, va="bottom")
+    if not titles:
+        ax.text(0, mosaic.shape[0] / 2, "none in this split", fontsize=9)
     fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
 
@@ -162,19 +175,23 @@ def evaluation_figures(
     """
     predicted = proba.argmax(axis=1)
     confidence = proba.max(axis=1)
-    titles = [f"{CLASSES[t]}->{CLASSES[p]} {c:.2f}" for t, p, c in zip(y_true, predicted, confidence, strict=True)]
-    names = []
-    for k, c in enumerate(CLASSES):
-        right = np.flatnonzero((y_true == k) & (predicted == k))
-        picked = right[np.argsort(-confidence[right], kind="stable")][:per_class]
-        name = f"{prefix}_gradcam_{c}.png"
-        _grid(model, images, picked, predicted, titles, f"Grad-CAM, correctly classified {c}: {label}", out / name)
-        names.append(name)
-    wrong = np.flatnonzero(predicted != y_true)
-    picked = wrong[np.argsort(-confidence[wrong], kind="stable")][:mistakes]
-    name = f"{prefix}_gradcam_mistakes.png"
-    _grid(model, images, picked, predicted, titles, f"Grad-CAM of the most confident mistakes: {label}", out / name)
-    return [*names, name]
+    by_confidence = np.argsort(-confidence, kind="stable")
+    wrong = by_confidence[predicted[by_confidence] != y_true[by_confidence]]
+    groups = {
+        f"{prefix}_gradcam_{c}.png": (
+            by_confidence[(y_true[by_confidence] == k) & (predicted[by_confidence] == k)][:per_class],
+            f"Grad-CAM, correctly classified {c}: {label}",
+        )
+        for k, c in enumerate(CLASSES)
+    }
+    groups[f"{prefix}_gradcam_mistakes.png"] = (wrong[:mistakes], f"Grad-CAM of the most confident mistakes: {label}")
+    picked = np.concatenate([indices for indices, _ in groups.values()])
+    heatmaps = dict(zip(picked.tolist(), gradcam(model, images[picked], predicted[picked]), strict=True))
+    for name, (indices, title) in groups.items():
+        titles = [f"{CLASSES[y_true[i]]}->{CLASSES[predicted[i]]} {confidence[i]:.2f}" for i in indices]
+        maps = np.array([heatmaps[i] for i in indices]).reshape(len(indices), *images.shape[1:3])
+        _grid(images[indices], maps, titles, title, out / name)
+    return list(groups)
 
 
 def explain_files(
