@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--model", help="NAME@ALIAS (default: <registry.model_name>@champion)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument(
+        "--explain",
+        metavar="OUT_DIR",
+        help="also write a Grad-CAM overlay PNG per image into OUT_DIR: where the model saw the class it answered",
+    )
     predict.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
     compare = sub.add_parser("compare", help="table of the models of the last run(s), logged to MLflow too")
     compare.add_argument("--last", type=int, default=1, help="pipeline runs to include (default 1)")
@@ -281,8 +286,16 @@ def _predict(args: argparse.Namespace) -> int:
     model = tracking.load_pyfunc(f"models:/{name}@{alias}")
     items = read_files(files)
     out = model.predict(pd.DataFrame({"image": [data if data is not None else b"" for _, data in items]}))
+    served = model.unwrap_python_model()  # the registered LesionClassifier: its Keras model and rule
+    print(f"{name}@{alias}: decision rule: {served.rule}", file=sys.stderr)
+    explained = [None] * len(items)
+    if args.explain:
+        from lesionml.explain import explain_files
+
+        answers = [row.predicted if not row.error else None for row in out.itertuples(index=False)]
+        explained = explain_files(served.model, items, answers, Path(args.explain))
     failed = 0
-    for (source, data), row in zip(items, out.itertuples(index=False), strict=True):
+    for (source, data), row, overlay in zip(items, out.itertuples(index=False), explained, strict=True):
         error = row.error.replace("image[", "").split("]: ", 1)[-1] if row.error else ""
         if data is None:
             error = "cannot read file"
@@ -302,12 +315,15 @@ def _predict(args: argparse.Namespace) -> int:
                         "predicted": row.predicted,
                         "name": CLASS_NAMES[row.predicted],
                         "probabilities": proba,
+                        **({"explanation": str(overlay)} if overlay else {}),
                     }
                 )
             )
         else:
             ranked = "  ".join(f"{c} {p:.3f}" for c, p in sorted(proba.items(), key=lambda kv: -kv[1]))
             print(f"{source}: {row.predicted} ({CLASS_NAMES[row.predicted]}, {proba[row.predicted]:.1%})  |  {ranked}")
+    if args.explain:
+        print(f"Grad-CAM overlays: {sum(p is not None for p in explained)} in {args.explain}", file=sys.stderr)
     if failed:
         print(f"lesionml: {failed} of {len(items)} files could not be predicted", file=sys.stderr)
     return 1 if failed else 0

@@ -212,6 +212,11 @@ class EvaluateConfig(_Section):
     # evaluation.fit_temperature). It changes no decision by itself; a prior correction is
     # tuned after it, on the tempered probabilities.
     temperature_scaling: bool
+    # prior_correction: the rule above. melanoma_sensitivity: that rule, then an offset on the
+    # melanoma log-probability, the smallest giving val melanoma sensitivity >= the target (see
+    # evaluation.melanoma_operating_point); the target is read only under that operating point.
+    operating_point: Literal["prior_correction", "melanoma_sensitivity"]
+    mel_sensitivity_target: float = Field(gt=0, le=1)
 
 
 class TrackingConfig(_Section):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from lesionml import model_card, plots
+from lesionml import explain, model_card, plots
 from lesionml.config import EvaluateConfig, Params, RegistryConfig
 from lesionml.data.metadata import CLASSES
 from lesionml.data.source import ImageReader
@@ -28,6 +28,7 @@ from lesionml.evaluation import (
     expected_calibration_error,
     fit_temperature,
     lesion_bootstrap,
+    melanoma_operating_point,
     paired_bootstrap,
     predictions_table,
     tune_prior_correction,
@@ -225,6 +226,7 @@ def evaluate(
             out / f"{which}_mistakes.png",
         )
         figures += [f"{which}_{kind}.png" for kind in ("confusion", "roc", "reliability", "mistakes")]
+        figures += explain.evaluation_figures(model, x, y, proba, label, which, out)  # Grad-CAM
     if cfg.temperature_scaling:
         print(
             f"temperature scaling: T {decision['temperature']:.3f} (fitted on val log loss; val ECE "
@@ -259,7 +261,8 @@ def _decision_rule(
     raw_ece = {which: expected_calibration_error(labels[which], p) for which, p in raw.items()}
     rule = {"temperature": temperature, "raw_ece": raw_ece}
     if not cfg.prior_correction:
-        return {**rule, "prior_correction": False, "tau": 0.0, "offsets": None}
+        rule = {**rule, "prior_correction": False, "tau": 0.0, "offsets": None, "rule": "the most probable class"}
+        return _operating_point(cfg, split_rows, labels, raw, rule)
     prior = split_rows[split_rows.split == "train"].dx.value_counts(normalize=True).reindex(CLASSES, fill_value=0)
     floor = cfg.min_balanced_accuracy
     tau, offsets, floor_met = tune_prior_correction(
@@ -275,7 +278,7 @@ def _decision_rule(
         f"{argmax['val']['accuracy']:.3f}, balanced accuracy {argmax['val']['balanced_accuracy']:.3f})",
         flush=True,
     )
-    return {
+    rule = {
         **rule,
         "prior_correction": True,
         "tau": tau,
@@ -285,6 +288,40 @@ def _decision_rule(
         "objective": objective,
         "train_prior": {c: round(float(v), 6) for c, v in prior.items()},
         "argmax": argmax,
+        "rule": f"prior correction tau {tau:.2f}, {objective}",
+    }
+    return _operating_point(cfg, split_rows, labels, raw, rule)
+
+
+def _operating_point(
+    cfg: EvaluateConfig, split_rows: pd.DataFrame, labels: dict[str, np.ndarray], raw: dict[str, np.ndarray], rule: dict
+) -> dict:
+    """`rule` as it is, or with the melanoma-sensitivity operating point added on top of it.
+
+    `rule["rule"]` says in words what the served model applies: the model card, the registered
+    version's tags and the served model's config carry that sentence.
+    """
+    if cfg.operating_point != "melanoma_sensitivity":
+        return {**rule, "operating_point": cfg.operating_point}
+    base = {which: adjust_probabilities(p, rule["temperature"], rule["offsets"]) for which, p in raw.items()}
+    test_lesions = split_rows[split_rows.split == "test"].lesion_id.to_numpy()  # the order load_split_images keeps
+    point = melanoma_operating_point(labels, base, test_lesions, cfg.mel_sensitivity_target, cfg.bootstrap)
+    offsets = np.zeros(len(CLASSES)) if rule["offsets"] is None else np.array(rule["offsets"])
+    offsets[CLASSES.index("mel")] += point["melanoma_offset"]
+    change = point["test_change"]
+    print(
+        f"melanoma operating point: offset {point['melanoma_offset']:+.3f} for val melanoma sensitivity >= "
+        f"{cfg.mel_sensitivity_target:.2f}; on test, melanoma sensitivity {change['mel_sensitivity']['change']:+.3f}, "
+        f"specificity {change['mel_specificity']['change']:+.3f}, accuracy {change['accuracy']['change']:+.3f}",
+        flush=True,
+    )
+    return {
+        **rule,
+        **point,
+        "operating_point": "melanoma_sensitivity",
+        "offsets": [round(float(o), 6) for o in offsets],
+        "rule": f"{rule['rule']}; then melanoma log-probability offset {point['melanoma_offset']:+.3f}, "
+        f"chosen for validation melanoma sensitivity >= {cfg.mel_sensitivity_target:.2f}",
     }
 
 
@@ -377,6 +414,7 @@ def registration(
             "git commit": git_commit,
             "params hash": params_hash,
             "data fingerprint": rel["fingerprint"],
+            "decision rule": metrics["decision"]["rule"],
         }
         tags = {
             **facts,

@@ -92,6 +92,7 @@ STAGES: dict[str, StageSpec] = {
         code=(
             "lesionml/data/stages.py",
             "lesionml/evaluation.py",
+            "lesionml/explain.py",
             "lesionml/inference.py",
             "lesionml/plots.py",
             *_MODEL,

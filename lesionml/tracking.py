@@ -360,11 +360,13 @@ def log_classifier(
     tta: bool,
     temperature: float = 1.0,
     offsets: list[float] | None = None,
+    rule: str = "",
 ) -> str:
     """Log the servable pyfunc (image bytes in, classes out) beside the Keras model; returns its URI.
 
-    `tta`, the fitted `temperature` and the prior-correction `offsets` travel in the model's
-    config, so the served model predicts exactly as it was evaluated.
+    `tta`, the fitted `temperature` and the decision rule's `offsets` travel in the model's
+    config, so the served model predicts exactly as it was evaluated; `rule` says in words
+    which decision rule those offsets are.
     """
     import base64
     from importlib.metadata import version
@@ -388,7 +390,7 @@ def log_classifier(
             name="classifier",
             python_model=serving_model.__file__,  # model from code: nothing pickled
             artifacts={"keras_model": str(keras_file)},
-            model_config={"tta": tta, "temperature": temperature, "offsets": offsets},
+            model_config={"tta": tta, "temperature": temperature, "offsets": offsets, "rule": rule},
             # Either column: `image` (bytes, or base64 text in JSON) or `path` (files the server can read).
             signature=ModelSignature(
                 inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]),
@@ -636,8 +638,16 @@ def register_versions(offer: Registration, model_name: str, tta: bool) -> dict[s
     """
     versions = {}
     for name, c in offer.candidates.items():
-        rule = c.metrics["decision"]
-        uri = log_classifier(c.run_id, c.model_file, offer.test.images[0], tta, rule["temperature"], rule["offsets"])
+        decision = c.metrics["decision"]
+        uri = log_classifier(
+            c.run_id,
+            c.model_file,
+            offer.test.images[0],
+            tta,
+            decision["temperature"],
+            decision["offsets"],
+            decision["rule"],
+        )
         versions[name] = register(uri, model_name, c.tags)
     return versions
 

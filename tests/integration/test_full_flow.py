@@ -114,6 +114,9 @@ def test_mlflow_records_parent_and_nested_model_runs(full_run):
         assert {"model_summary.txt", "training", "evaluation", "preprocessing"} <= names
         training = {a.path for a in client.list_artifacts(run.info.run_id, "training")}
         assert "training/curves.png" in training
+        evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+        gradcam = {f"evaluation/{s}_gradcam_{k}.png" for s in ("val", "test") for k in ("mel", "nv", "mistakes")}
+        assert gradcam <= evaluation, "Grad-CAM grids per class and of the mistakes, logged with the other figures"
 
         model = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
         images = np.random.default_rng(0).integers(0, 255, (3, 32, 40, 3)).astype(np.float32)
@@ -150,6 +153,8 @@ def test_registry_has_versions_with_tags_card_and_aliases(full_run):
     v = client.get_model_version(name, aliases["champion"])
     assert {"architecture", "git commit", "params hash", "data fingerprint", "test_balanced_accuracy"} <= set(v.tags)
     assert "Not a medical device" in v.description and "melanoma sensitivity" in v.description
+    assert v.tags["decision rule"].startswith("prior correction tau")
+    assert f"The served model applies: {v.tags['decision rule']}." in v.description
     assert "temperature-scaled" in v.description
 
 
@@ -284,6 +289,15 @@ def test_predict_cli_good_and_bad_files(full_run, tmp_path, capsys):
     assert len(good) == 3 and len(bad) == 1
     assert bad[0]["source"].endswith("notes.jpg") and "not an image Pillow can read" in bad[0]["error"]
     assert all(abs(sum(g["probabilities"].values()) - 1) < 1e-3 and g["name"] for g in good)
+
+    # --explain: one Grad-CAM overlay per image predicted, named after it; none for the broken file
+    out = tmp_path / "explained"
+    assert main(["predict", str(folder), "--json", "--explain", str(out), "--params", params_file]) == 1
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(g["source"]).stem + ".png" for g in good)
+    assert all(Path(line["explanation"]).is_file() for line in lines if "predicted" in line)
+    assert "decision rule: prior correction tau" in captured.err and f"Grad-CAM overlays: 3 in {out}" in captured.err
 
     assert main(["predict", str(folder), "--model", "lesionml@nope", "--params", params_file]) == 1
     err = capsys.readouterr().err
