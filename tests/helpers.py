@@ -6,8 +6,16 @@ Imports nothing of Prefect, TensorFlow or the pipeline beyond the config's model
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +31,65 @@ FULL = ROOT.parent / "shared" / "data" / "ham10000"
 METADATA = "HAM10000_metadata.csv"
 LAYOUTS = ("flat", "parts", "zips")
 PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
+BIN = Path(sys.executable).parent
+# Params sections for a pipeline run that trains and registers a real model in seconds.
+TINY = {
+    "data": {"image_size": [32, 40]},
+    "models": {"enabled": ["cnn"], "cnn": {"filters": [8, 16], "dense_units": 16}},
+    "train": {"epochs": 1, "batch_size": 64},
+    "evaluate": {"bootstrap": 100},
+    "registry": {"bootstrap": 100},
+}
+
+
+def prefect_api(url: str, path: str, body: dict | None = None, method: str = "POST", attempts: int = 6):
+    """One Prefect REST call, retried like Prefect's own client does on 429/502/503.
+
+    The server answers 503 when its SQLite database is busy (a write from the serve process
+    or a background service holds the lock); the request did not happen and is safe to repeat.
+    """
+    data = None if method in ("GET", "DELETE") else json.dumps(body or {}).encode()
+    for attempt in range(attempts):
+        req = urllib.request.Request(
+            f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, method=method
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                body = r.read()
+                return json.loads(body) if body else None
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 502, 503) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
+def start_mlflow_server(store: Path, start_server: Callable[..., tuple[subprocess.Popen, str]]):
+    """A real `mlflow server` (UI included) over a SQLite store and artifact folder in `store`,
+    started by the `start_server` fixture; its process and URL. One worker and no job runner:
+    the machine it runs on may have two cores."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    argv = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+    ]
+    return start_server(argv, "/health", env, store / "server.log")
 
 
 def full_data_or_skip() -> Path:

@@ -5,15 +5,12 @@ the run and be gone when the CLI exits."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -21,38 +18,10 @@ import pytest
 
 from flows.local_api import LocalAPI
 from lesionml.errors import LesionMLError
-from tests.helpers import SAMPLE, write_params
+from tests.helpers import SAMPLE, TINY, prefect_api, write_params
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-TINY = {
-    "data": {"image_size": [32, 40]},
-    "models": {"enabled": ["cnn"], "cnn": {"filters": [8, 16], "dense_units": 16}},
-    "train": {"epochs": 1, "batch_size": 64},
-    "evaluate": {"bootstrap": 100},
-    "registry": {"bootstrap": 100},
-}
-
-
-def _api(url: str, path: str, body: dict | None = None, method: str = "POST", attempts: int = 6):
-    """One Prefect REST call, retried like Prefect's own client does on 429/502/503.
-
-    The server answers 503 when its SQLite database is busy (a write from the serve process
-    or a background service holds the lock); the request did not happen and is safe to repeat.
-    """
-    data = None if method in ("GET", "DELETE") else json.dumps(body or {}).encode()
-    for attempt in range(attempts):
-        req = urllib.request.Request(
-            f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, method=method
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                body = r.read()
-                return json.loads(body) if body else None
-        except urllib.error.HTTPError as e:
-            if e.code not in (429, 502, 503) or attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * 2**attempt)
 
 
 def _client_env(server: str, tmp_path: Path) -> dict:
@@ -72,9 +41,11 @@ def test_data_flow_runs_against_a_real_server(prefect_server, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Starting temporary server" not in done.stderr + done.stdout
 
-    runs = [r for r in _api(prefect_server, "/flow_runs/filter") if r["parameters"].get("params_file") == str(params)]
+    runs = [
+        r for r in prefect_api(prefect_server, "/flow_runs/filter") if r["parameters"].get("params_file") == str(params)
+    ]
     assert [run["state_type"] for run in runs] == ["COMPLETED"]
-    tasks = _api(prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
+    tasks = prefect_api(prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
     assert {t["name"].rsplit("-", 1)[0] for t in tasks} == {"ingest", "preprocess", "split", "normalize", "augment"}
 
 
@@ -124,7 +95,9 @@ def test_an_api_url_from_the_active_profile_wins_over_the_temporary_server(prefe
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "temporary server" not in (done.stderr + done.stdout).lower()
-    runs = [r for r in _api(prefect_server, "/flow_runs/filter") if r["parameters"].get("params_file") == str(params)]
+    runs = [
+        r for r in prefect_api(prefect_server, "/flow_runs/filter") if r["parameters"].get("params_file") == str(params)
+    ]
     assert [run["state_type"] for run in runs] == ["COMPLETED"]
 
 
@@ -148,7 +121,7 @@ def _logs(server: str, run_id: str, expect: str = "") -> str:
     """The run's log messages, waiting a little for `expect` (logs reach the API in batches)."""
     deadline = time.monotonic() + 15
     while True:
-        logs = _api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+        logs = prefect_api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
         text = "\n".join(entry["message"] for entry in logs)
         if expect in text or time.monotonic() > deadline:
             return text
@@ -157,7 +130,7 @@ def _logs(server: str, run_id: str, expect: str = "") -> str:
 
 def _auto_runs(server: str, deployment_id: str) -> list[dict]:
     """The deployment's runs that the server's scheduler created, oldest tick first."""
-    runs = _api(
+    runs = prefect_api(
         server,
         "/flow_runs/filter",
         {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC"},
@@ -200,7 +173,9 @@ def test_the_servers_own_scheduler_fires_the_deployment_which_retrains_then_stop
         deadline = time.monotonic() + 120
         deployment = None
         while deployment is None:
-            found = _api(prefect_server, "/deployments/filter", {"deployments": {"name": {"any_": ["scheduled"]}}})
+            found = prefect_api(
+                prefect_server, "/deployments/filter", {"deployments": {"name": {"any_": ["scheduled"]}}}
+            )
             deployment = found[0] if found else None
             if serve.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"no deployment was served:\n{served_log.read_text()[-3000:]}")
@@ -214,7 +189,7 @@ def test_the_servers_own_scheduler_fires_the_deployment_which_retrains_then_stop
         os.killpg(serve.pid, 15)
         serve.wait(timeout=60)
         if deployment:  # its ~100 runs scheduled ahead go too: the session's server is shared
-            _api(prefect_server, f"/deployments/{deployment['id']}", method="DELETE")
+            prefect_api(prefect_server, f"/deployments/{deployment['id']}", method="DELETE")
 
     created = datetime.fromisoformat(deployment["created"])
     anchor = datetime.fromisoformat(schedule["schedule"]["anchor_date"])
