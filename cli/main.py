@@ -14,9 +14,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lesionml.errors import LesionMLError
 from lesionml.workspace import STAGES
+
+if TYPE_CHECKING:
+    from flows.report import ModelResult
 
 
 def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
@@ -175,26 +179,24 @@ def _quiet_environment() -> None:
 
 
 def _print_summary(result: dict, seconds: float) -> None:
-    import pandas as pd
-
-    from lesionml.data.split import split_counts
+    from flows.report import read_run
 
     arts = result["artifacts"]
-    release = json.loads(Path(arts["ingest.release"]["path"]).read_text())
+    report = read_run(result)  # the same files, read the same way, as the run's Prefect artifacts
+    release = report.release
     print(f"\nrelease  {release['source']}")
     print(
         f"         {release['images']} images of {release['lesions']} lesions, fingerprint {release['fingerprint'][:16]}"
     )
-    if "split.split" in arts:
-        table = split_counts(pd.read_csv(arts["split.split"]["path"]))
+    if report.counts is not None:
         print("\nimages per class and split:")
-        print(table.to_string())
+        print(report.counts.to_string())
     if "preprocess.images" in arts:
         from lesionml.data.images import image_array_shape
 
         shape = image_array_shape(arts["preprocess.images"]["path"])
         print(f"\nimage array  {shape[0]} x {shape[1]}x{shape[2]}x{shape[3]} uint8 (N x height x width x RGB)")
-    _print_model_results(arts)
+    _print_model_results(report.models)
     if result.get("mlflow_run_id"):
         from lesionml.tracking import redact
 
@@ -207,32 +209,29 @@ def _print_summary(result: dict, seconds: float) -> None:
     print(f"done in {seconds:.1f} s")
 
 
-def _print_model_results(arts: dict) -> None:
+def _print_model_results(models: list[ModelResult]) -> None:
     rows, notes = [], []
-    for key, art in arts.items():
-        if key.startswith("evaluate.") and key.endswith(".metrics"):
-            name = key.split(".")[1]
-            metrics = json.loads(Path(art["path"]).read_text())
-            summary = json.loads(Path(arts[f"train.{name}.summary"]["path"]).read_text())
-            for split in ("val", "test"):
-                m = metrics[split]
-                rows.append(
-                    f"  {name:<9} {split:<5} {m['accuracy']:>8.3f} {m['balanced_accuracy']:>9.3f} {m['macro_f1']:>8.3f} "
-                    f"{m.get('roc_auc_macro', float('nan')):>8.3f} {m['mel_sensitivity']:>8.3f}   "
-                    f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['train_seconds']:.0f} s"
-                )
-            decision = metrics.get("decision", {})
-            if decision.get("temperature", 1.0) != 1.0:
-                notes.append(
-                    f"  {name}: probabilities temperature-scaled, T {decision['temperature']:.3f} (fitted on "
-                    f"val); test ECE {decision['raw_ece']['test']:.3f} -> {metrics['test']['ece']:.3f}"
-                )
-            if decision.get("prior_correction"):
-                plain = decision["argmax"]["test"]
-                notes.append(
-                    f"  {name}: prior correction tau {decision['tau']:.2f} ({decision['objective']}); plain "
-                    f"argmax on test: accuracy {plain['accuracy']:.3f}, bal.acc {plain['balanced_accuracy']:.3f}"
-                )
+    for model in models:
+        name, metrics, summary = model.name, model.metrics, model.summary
+        for split in ("val", "test"):
+            m = metrics[split]
+            rows.append(
+                f"  {name:<9} {split:<5} {m['accuracy']:>8.3f} {m['balanced_accuracy']:>9.3f} {m['macro_f1']:>8.3f} "
+                f"{m.get('roc_auc_macro', float('nan')):>8.3f} {m['mel_sensitivity']:>8.3f}   "
+                f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['train_seconds']:.0f} s"
+            )
+        decision = metrics.get("decision", {})
+        if decision.get("temperature", 1.0) != 1.0:
+            notes.append(
+                f"  {name}: probabilities temperature-scaled, T {decision['temperature']:.3f} (fitted on "
+                f"val); test ECE {decision['raw_ece']['test']:.3f} -> {metrics['test']['ece']:.3f}"
+            )
+        if decision.get("prior_correction"):
+            plain = decision["argmax"]["test"]
+            notes.append(
+                f"  {name}: prior correction tau {decision['tau']:.2f} ({decision['objective']}); plain "
+                f"argmax on test: accuracy {plain['accuracy']:.3f}, bal.acc {plain['balanced_accuracy']:.3f}"
+            )
     if rows:
         print("\nmodel     split  accuracy  bal.acc  macro-F1  AUC     mel.sens  training")
         print("\n".join(rows + notes))

@@ -7,12 +7,14 @@ file path, where postponed annotations such as `Stage` cannot be resolved.)
 """
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 from prefect import flow
 
+from flows import report
 from lesionml import tracking
 from lesionml.config import Params, load_params
 from lesionml.data.source import source_signature
@@ -52,7 +54,9 @@ def pipeline(
     ws = Workspace(params.data.workspace)
     # A run refused for its input (bad release, bad params) leaves the last good outputs as they were.
     with ws.lock(f"pipeline until {until}"), ws.rollback_on(DataError, ConfigError):
-        return _pipeline(params, params_file, experiment_id, reach, chosen)
+        result = _pipeline(params, params_file, experiment_id, reach, chosen)
+    report.publish(result)
+    return result
 
 
 def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach: int, chosen: list[str]) -> dict:
@@ -62,10 +66,21 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
     dump = params.model_dump(mode="json")  # every task gets all params; its cache key only its stage's
     artifacts: dict[str, dict[str, str]] = {}
     cached: dict[str, bool] = {}
+    plan = _plan(reach, chosen)
+    started = time.monotonic()
 
     def stage(label: str, task, /, **inputs) -> dict:
-        """Run one stage task (cache-verified), remember its outputs and whether it was a hit."""
+        """Run one stage task (cache-verified), remember its outputs and whether it was a hit.
+
+        Prints where the run is (stage k of n, time since it started) as the stage starts and
+        as it ends, so a long training never looks hung, and shows which stages were cache hits.
+        """
+        step = f"[{plan.index(label) + 1}/{len(plan)}] {label}"
+        print(f"{step} ... ({_clock(time.monotonic() - started)} into the run)", flush=True)
+        began = time.monotonic()
         outs, hit = run_stage(task, ws, workspace=workspace, params=dump, **inputs)
+        now = time.monotonic()
+        print(f"{step} {'cached' if hit else 'ran'} ({now - began:.1f} s; {_clock(now - started)} into the run)")
         cached[label] = hit
         artifacts.update({f"{label}.{k}": a.to_dict() for k, a in outs.items()})
         return {k: a.to_dict() for k, a in outs.items()}
@@ -148,8 +163,21 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
             tracking.set_tags(parent, {"lesionml.all_cached": str(all_cached).lower()})
             tracking.end_run(parent, ok=ok)
     result["mlflow_run_id"] = parent
+    result["mlflow_experiment_id"] = experiment_id
     result["tracking_uri"] = tracking.tracking_uri(params.tracking)
     return result
+
+
+def _plan(reach: int, chosen: list[str]) -> list[str]:
+    """The stages this run goes through, in order, as `stage()` labels them."""
+    reached = STAGES[: reach + 1]
+    per_model = [s for s in ("train", "evaluate") if s in reached]
+    data_stages = [s for s in reached if s not in ("train", "evaluate", "register")]
+    return data_stages + [f"{s}.{name}" for name in chosen for s in per_model] + [s for s in reached if s == "register"]
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
 def _start_pipeline_run(

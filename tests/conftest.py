@@ -88,11 +88,12 @@ ServerStarter = Callable[[list[str], str, dict[str, str], Path], tuple[subproces
 def start_server() -> Iterator[ServerStarter]:
     """Start a server command on a free loopback port; return once it answers its health check.
 
-    `start(argv, health_path, env, log)` puts the port where `argv` says `{port}` and returns
-    the process and its base URL. The server runs in its own process group, so one signal
-    stops it and any worker it forks, and writes to `log`, whose end is the failure message
-    if it does not come up. Servers still running at the end of the session are stopped; a
-    test may stop one sooner (a server going away is what some of them test).
+    `start(argv, health_path, env, log)` puts the port where `argv` or a value of `env` says
+    `{port}` and returns the process and its base URL. The server runs in its own process
+    group, so one signal stops it and any worker it forks, and writes to `log`, whose end is
+    the failure message if it does not come up. Servers still running at the end of the
+    session are stopped; a test may stop one sooner (a server going away is what some of
+    them test).
     """
     started: list[subprocess.Popen] = []
 
@@ -102,7 +103,7 @@ def start_server() -> Iterator[ServerStarter]:
         with open(log, "ab") as out:  # the child holds its own copy of the descriptor
             proc = subprocess.Popen(
                 [arg.format(port=port) for arg in argv],
-                env=env,
+                env={k: v.replace("{port}", str(port)) for k, v in env.items()},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -133,11 +134,18 @@ def _stop_group(proc: subprocess.Popen, sig: int) -> None:
 def prefect_server(tmp_path_factory, start_server) -> str:
     """A real `prefect server start` on a free loopback port for the session; its API URL.
 
-    Shared by the tests that need a real server (deployments, schedules) and by those that
-    run many CLI processes (each would otherwise start its own temporary server).
+    Shared by the tests that need a real server (deployments, schedules), by those that
+    run many CLI processes (each would otherwise start its own temporary server), and by the
+    browser tests of its UI, which is on: the UI is told the port, which `--port` alone
+    does not do (it would call the API on the default 4200).
     """
     home = tmp_path_factory.mktemp("prefect-server-home")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": "http://127.0.0.1:{port}/api",
+    }
     env.pop("PREFECT_API_URL", None)
     argv = [
         str(Path(sys.executable).parent / "prefect"),
@@ -147,7 +155,6 @@ def prefect_server(tmp_path_factory, start_server) -> str:
         "127.0.0.1",
         "--port",
         "{port}",
-        "--no-ui",
     ]
     _, url = start_server(argv, "/api/health", env, home / "server.log")
     return f"{url}/api"

@@ -7,13 +7,16 @@ Imports nothing of Prefect, TensorFlow or the pipeline beyond the config.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +33,11 @@ FULL = ROOT.parent / "shared" / "data" / "ham10000"
 METADATA = "HAM10000_metadata.csv"
 LAYOUTS = ("flat", "parts", "zips")
 PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
-LESIONML = str(Path(sys.executable).parent / "lesionml")  # the venv's command, for tests that run it as users do
+BIN = Path(sys.executable).parent
+LESIONML = str(BIN / "lesionml")  # the venv's command, for tests that run it as users do
 
 
-# Training settings that keep a whole retraining run on the sample to seconds of training.
+# Params sections for a pipeline run that trains and registers a real model in seconds.
 TINY = {
     "data": {"image_size": [32, 40]},
     "models": {"enabled": ["cnn"], "cnn": {"filters": [8, 16], "dense_units": 16}},
@@ -106,6 +110,35 @@ def config(section: str, **values) -> BaseModel:
     for part in section.split("."):
         node = getattr(node, part)
     return type(node).model_validate({**node.model_dump(), **values})
+
+
+def start_mlflow_server(store: Path, start_server: Callable[..., tuple[subprocess.Popen, str]]):
+    """A real `mlflow server` (UI included) over a SQLite store and artifact folder in `store`,
+    started by the `start_server` fixture; its process and URL. One worker and no job runner:
+    the machine it runs on may have two cores."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    argv = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+    ]
+    return start_server(argv, "/health", env, store / "server.log")
 
 
 def full_data_or_skip() -> Path:

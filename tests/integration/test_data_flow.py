@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,36 @@ def test_cli_run_only_data_prints_the_summary(release, tmp_path, capsys):
     for artifact in ("ingest.manifest", "preprocess.images", "split.split", "normalize.stats", "augment.preview"):
         assert f"  {artifact}" in out
     assert "done in " in out
+
+
+def test_cli_run_prints_each_stage_as_it_starts_and_ends(release, prefect_server, tmp_path):
+    """Stage k of n as it starts and as it ends, with its time and the time into the run, in
+    the order they happen, as the person running it reads them (a real process, at the log
+    level a person has). (Cache hits say `cached`: tests/integration/test_ui.py.)"""
+    params = write_params(tmp_path / "project", release, augment={"preview_images": 2})
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "run", "--only", "data", "--params", str(params)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = re.findall(
+        r"(\[\d/\d\] \w+ (?:\.\.\.|ran|cached)) \((?:\d+\.\d s; )?(\d+):(\d\d) into the run\)", done.stderr
+    )
+    assert [line for line, _, _ in lines] == [
+        f"[{k}/{len(STAGES)}] {stage} {word}" for k, stage in enumerate(STAGES, 1) for word in ("...", "ran")
+    ], done.stderr[-3000:]
+    into = [int(minutes) * 60 + int(seconds) for _, minutes, seconds in lines]
+    assert into == sorted(into)
 
 
 @pytest.fixture
