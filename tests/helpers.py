@@ -203,10 +203,20 @@ def build_release(dest: Path, rows: pd.DataFrame, layout: str = "flat") -> Path:
     return dest
 
 
+def _merge(tree: dict, updates: dict) -> None:
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
+
+
 def write_params(tmp: Path, source: Path, **sections: dict) -> Path:
     """tmp/params.yaml: the project's params with a temp workspace and MLflow store.
 
-    `sections` update single keys, e.g. write_params(tmp, src, split={"seed": 7}). A test's
+    `sections` update single keys, e.g. write_params(tmp, src, split={"seed": 7}); nested
+    sections merge key by key (models={"cnn": {"filters": [8]}} keeps the CNN's other settings,
+    which params.yaml alone holds). A test's
     `train` section is meant for every model: the project's per-model train settings
     (`models.<name>.train`, e.g. the CNN+LSTM's own epochs) are dropped unless `sections` sets them.
     """
@@ -215,8 +225,7 @@ def write_params(tmp: Path, source: Path, **sections: dict) -> Path:
         params["models"][name].pop("train", None)
     params["data"].update(source=str(source), workspace=str(tmp / "ws"))
     params["tracking"].update(uri=f"sqlite:///{tmp / 'mlruns.db'}", artifacts=str(tmp / "artifacts"))
-    for section, values in sections.items():
-        params.setdefault(section, {}).update(values)
+    _merge(params, sections)
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
