@@ -47,6 +47,11 @@ TINY = {
 }
 
 
+def run_lesionml(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """The venv's `lesionml` command in a process of its own, as a user runs it; output captured."""
+    return subprocess.run([LESIONML, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def prefect_api(url: str, path: str, body: dict | None = None, method: str = "POST", attempts: int = 6):
     """One Prefect REST call, retried like Prefect's own client does on 429/502/503.
 

@@ -19,7 +19,7 @@ from cli.main import main
 from flows.pipeline import pipeline
 from lesionml.config import load_params
 from lesionml.data.source import build_manifest, release_fingerprint
-from tests.helpers import SAMPLE, build_release, whole_lesion_rows, write_params
+from tests.helpers import SAMPLE, build_release, run_lesionml, whole_lesion_rows, write_params
 
 pytestmark = pytest.mark.integration
 STAGES = ("ingest", "preprocess", "split", "normalize", "augment")
@@ -151,14 +151,7 @@ def test_cli_run_prints_each_stage_as_it_starts_and_ends(release, prefect_server
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_LOGGING_LEVEL": "INFO",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "cli.main", "run", "--only", "data", "--params", str(params)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_lesionml("run", "--only", "data", "--params", str(params), env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = re.findall(
         r"(\[\d/\d\] \w+ (?:\.\.\.|ran|cached)) \((?:\d+\.\d s; )?(\d+):(\d\d) into the run\)", done.stderr

@@ -18,7 +18,7 @@ import pytest
 
 from flows.local_api import LocalAPI
 from lesionml.errors import LesionMLError
-from tests.helpers import SAMPLE, TINY, auto_scheduled_runs, flow_run_logs, prefect_api, write_params
+from tests.helpers import SAMPLE, TINY, auto_scheduled_runs, flow_run_logs, prefect_api, run_lesionml, write_params
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -30,14 +30,7 @@ def _client_env(server: str, tmp_path: Path) -> dict:
 
 def test_data_flow_runs_against_a_real_server(prefect_server, tmp_path):
     params = write_params(tmp_path, SAMPLE)
-    done = subprocess.run(
-        [str(BIN / "lesionml"), "run", "--only", "data", "--params", str(params)],
-        env=_client_env(prefect_server, tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_lesionml("run", "--only", "data", "--params", str(params), env=_client_env(prefect_server, tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Starting temporary server" not in done.stderr + done.stdout
 
@@ -54,14 +47,7 @@ def test_cli_launches_its_own_temporary_server_and_stops_it_after_the_last_log_l
     home = tmp_path / "prefect-home"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run(
-        [str(BIN / "lesionml"), "run", "--only", "data", "--params", str(params)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_lesionml("run", "--only", "data", "--params", str(params), env=env)
     out = done.stderr + done.stdout
     assert done.returncode == 0, out[-2000:]
     assert "Starting temporary server" not in out  # Prefect did not start a second one of its own
@@ -85,14 +71,7 @@ def test_an_api_url_from_the_active_profile_wins_over_the_temporary_server(prefe
     profiles.write_text(f'active = "remote"\n\n[profiles.remote]\nPREFECT_API_URL = "{prefect_server}"\n')
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "client-home"), "PREFECT_PROFILES_PATH": str(profiles)}
     env.pop("PREFECT_API_URL", None)
-    done = subprocess.run(
-        [str(BIN / "lesionml"), "run", "--only", "data", "--params", str(params)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_lesionml("run", "--only", "data", "--params", str(params), env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "temporary server" not in (done.stderr + done.stdout).lower()
     runs = [
