@@ -32,6 +32,7 @@ def pipeline(
     overrides: list[str] | None = None,
     until: Stage = "register",
     models: list[str] | None = None,
+    runner: str | None = None,
 ) -> dict:
     """ingest -> preprocess -> split -> normalize -> augment -> (train -> evaluate per model) -> register.
 
@@ -40,8 +41,14 @@ def pipeline(
     lets `lesionml stage <name>` (one DVC stage) run through this same flow at little cost.
     Returns the artifacts and which stages were cache hits. With training included, the
     tracking store is checked first: an unreachable MLflow fails the run in seconds, not
-    after the data stages and an hour of training.
+    after the data stages and an hour of training. `runner` (`dask://HOST:PORT`) runs each
+    model's train -> evaluate chain at the same time on that Dask cluster (flows/runners.py);
+    by default they run here, one after the other.
     """
+    if runner is not None:
+        from flows.runners import parse_runner
+
+        parse_runner(runner)  # a mistyped runner fails before any stage runs
     params = load_params(params_file, overrides or [])
     chosen = list(models or params.models.enabled)
     unknown = sorted(set(chosen) - set(params.models.enabled))
@@ -52,19 +59,21 @@ def pipeline(
     ws = Workspace(params.data.workspace)
     # A run refused for its input (bad release, bad params) leaves the last good outputs as they were.
     with ws.lock(f"pipeline until {until}"), ws.rollback_on(DataError, ConfigError):
-        return _pipeline(params, params_file, experiment_id, reach, chosen)
+        return _pipeline(params, params_file, experiment_id, reach, chosen, runner)
 
 
-def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach: int, chosen: list[str]) -> dict:
+def _pipeline(
+    params: Params, params_file: str, experiment_id: str | None, reach: int, chosen: list[str], runner: str | None
+) -> dict:
     cfg = params.data
     ws = cfg.workspace
     workspace = str(ws)
     artifacts: dict[str, dict[str, str]] = {}
     cached: dict[str, bool] = {}
 
-    def stage(label: str, task, /, **inputs) -> dict:
+    def stage(label: str, task, task_runner=None, /, **inputs) -> dict:
         """Run one stage task (cache-verified), remember its outputs and whether it was a hit."""
-        outs, hit = run_stage(task, ws, workspace=workspace, **inputs)
+        outs, hit = run_stage(task, ws, task_runner, workspace=workspace, **inputs)
         cached[label] = hit
         artifacts.update({f"{label}.{k}": a.to_dict() for k, a in outs.items()})
         return {k: a.to_dict() for k, a in outs.items()}
@@ -110,10 +119,13 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
     ok = store_gone = False
     evaluated: dict[str, dict] = {}
     try:
-        for name in chosen:
+
+        def chain(name: str, task_runner=None) -> None:
+            """One model's train -> evaluate: independent of every other model's."""
             trained = stage(
                 f"train.{name}",
                 model.train,
+                task_runner,
                 name=name,
                 images_npz=prep["images"],
                 split_csv=split["split"],
@@ -123,10 +135,11 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
             )
             evaluated[name] = {"model": trained["model"], "summary": trained["summary"]}
             if reach < STAGES.index("evaluate"):
-                continue
+                return
             evaluated[name] |= stage(
                 f"evaluate.{name}",
                 model.evaluate,
+                task_runner,
                 name=name,
                 model_keras=trained["model"],
                 summary_json=trained["summary"],
@@ -134,6 +147,18 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 split_csv=split["split"],
                 params=params.section("evaluate"),
             )
+
+        if runner is None:
+            for name in chosen:
+                chain(name)
+        else:
+            from flows import runners
+
+            store = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(params.tracking)}
+            with runners.dask_runner(runners.parse_runner(runner), store) as task_runner:
+                runners.run_each(lambda name: chain(name, task_runner), chosen)
+            # Chains end in any order; registry versions are numbered in the order of `chosen`.
+            evaluated = {name: evaluated[name] for name in chosen}
         if reach >= STAGES.index("register"):
             registered = stage(
                 "register",
