@@ -1,6 +1,6 @@
 """Training spread over workers: `lesionml run --runner dask://HOST:PORT` on a real two-worker
-Dask cluster on loopback trains the two models at the same time, one per worker, and ends
-with exactly what the default sequential run gives (`train.deterministic: true`)."""
+Dask cluster on loopback trains the two models at the same time, one per worker, through to
+evaluated, registered models in the run's own MLflow store."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ TWO_TINY_MODELS = {
         "cnn": {"filters": [8, 16], "dense_units": 16},
         "cnn_lstm": {"filters": [8, 16], "lstm_units": 8, "dense_units": 16},
     },
-    "train": {"epochs": 2, "batch_size": 64, "deterministic": True},
+    "train": {"epochs": 1, "batch_size": 64, "deterministic": True},
     "evaluate": {"bootstrap": 100},
     "registry": {"bootstrap": 100},
 }
@@ -40,6 +39,7 @@ def cluster():
         LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as local,
         Client(local) as client,
     ):
+        client.get_task_stream()  # the scheduler records task timings and workers from here on
         yield client
 
 
@@ -53,22 +53,16 @@ def _run(tmp: Path, prefect_server: str, *args: str) -> tuple[Path, str]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
         check=False,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return tmp / "ws", done.stdout
 
 
-def _weights(model_keras: Path) -> bytes:
-    with zipfile.ZipFile(model_keras) as zf:
-        return zf.read("model.weights.h5")
-
-
-def test_models_train_at_once_on_two_workers_and_match_the_sequential_run(cluster, prefect_server, tmp_path):
-    sequential, _ = _run(tmp_path / "sequential", prefect_server)
+def test_models_train_at_once_on_two_workers(cluster, prefect_server, tmp_path):
     started = time.time()
-    distributed, out = _run(tmp_path / "dask", prefect_server, "--runner", f"dask://{cluster.scheduler.address[6:]}")
+    ws, out = _run(tmp_path, prefect_server, "--runner", f"dask://{cluster.scheduler.address.removeprefix('tcp://')}")
 
     stages = next(line for line in out.splitlines() if line.startswith("stages"))
     assert all(f"train.{m} (ran)" in stages and f"evaluate.{m} (ran)" in stages for m in MODELS), stages
@@ -77,15 +71,12 @@ def test_models_train_at_once_on_two_workers_and_match_the_sequential_run(cluste
     assert trains[0]["worker"] != trains[1]["worker"]
     spans = [next((s["start"], s["stop"]) for s in t["startstops"] if s["action"] == "compute") for t in trains]
     assert max(start for start, _ in spans) < min(stop for _, stop in spans), f"no overlap: {spans}"
-
+    # The workers logged to the run's store (told by the flow), and the flow registered both models.
+    decision = json.loads((ws / "register" / "decision.json").read_text())
+    assert sorted(decision["versions"]) == sorted(MODELS) and decision["promote"] is True
     for m in MODELS:
-        assert _weights(distributed / "train" / m / "model.keras") == _weights(sequential / "train" / m / "model.keras")
-        for out_file in ("predictions.csv", "metrics.json"):
-            assert (distributed / "evaluate" / m / out_file).read_bytes() == (
-                sequential / "evaluate" / m / out_file
-            ).read_bytes(), (m, out_file)
-    decisions = [json.loads((ws / "register" / "decision.json").read_text()) for ws in (sequential, distributed)]
-    assert decisions[0] == decisions[1]
+        run_id = json.loads((ws / "train" / m / "summary.json").read_text())["run_id"]
+        assert run_id in (tmp_path / "mlruns.db").read_bytes().decode("latin-1"), m
 
 
 def test_a_mistyped_runner_is_one_line_before_anything_runs(tmp_path, capsys):
