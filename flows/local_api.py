@@ -10,8 +10,10 @@ this process never imports the server module at all.
 
 The child is the same command, app and settings as Prefect's own temporary server
 (`prefect.server.api.server.SubprocessASGIServer`), so the runs land in the same database and
-the Prefect UI of a later `prefect server start` shows them. Nothing here imports Prefect at
-module level: `launch()` must cost milliseconds.
+the Prefect UI of a later `prefect server start` shows them. That copy relies on Prefect's
+private switches (PREFECT__SERVER_EPHEMERAL, PREFECT__SERVER_FINAL): tests/unit/test_local_api.py
+compares it with what Prefect's own launcher would start and fails on any difference after an
+upgrade. Nothing here imports Prefect at module level: `launch()` must cost milliseconds.
 """
 
 from __future__ import annotations
@@ -32,6 +34,23 @@ from pathlib import Path
 from lesionml.errors import LesionMLError
 
 _STARTUP_FAILED = 3  # uvicorn's exit code when it could not bind its port (or the app failed to start)
+
+
+# Prefect's private switches for the server it launches itself (SubprocessASGIServer): no UI,
+# and "I am the temporary server". tests/unit/test_local_api.py fails when Prefect changes them.
+SERVER_SWITCHES = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+
+
+def server_command(port: int) -> list[str]:
+    """The command line of Prefect's own temporary server, on `port`."""
+    app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent  # site-packages, as Prefect's own
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
+            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error", "--lifespan", "on"]  # fmt: skip
+
+
+def server_env() -> dict[str, str]:
+    return {**os.environ, **SERVER_SWITCHES}
 
 
 class LocalAPI:
@@ -59,29 +78,7 @@ class LocalAPI:
         with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent  # site-packages, as Prefect's own
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--app-dir",
-                str(app_dir),
-                "--factory",
-                "prefect.server.api.server:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "error",
-                "--lifespan",
-                "on",
-            ],
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
+        self.process = subprocess.Popen(server_command(self.port), env=server_env(), stdin=subprocess.DEVNULL)
 
     def wait(self, timeout: float) -> str:
         """Block until the launched (not stopped) server answers its health check; its API URL."""
