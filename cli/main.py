@@ -7,12 +7,14 @@ with a non-zero exit code; a traceback means a bug in lesionml, not in the user'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline as a Prefect flow of cached stages")
     _common(run)
     run.add_argument("--only", choices=["data"], help="run only part of the pipeline (data: ingest .. augment)")
+    run.add_argument(
+        "--runner",
+        metavar="dask://HOST:PORT",
+        help="train and evaluate the models at the same time on this Dask cluster (default: one after the other here)",
+    )
     ingest = sub.add_parser("ingest", help="validate a HAM10000 release and record its manifest and fingerprint")
     _common(ingest)
     stage = sub.add_parser(
@@ -157,6 +164,26 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+@contextlib.contextmanager
+def _source_under_dvc(args: argparse.Namespace) -> Iterator[list[str]]:
+    """The run's overrides, with a --source from outside the project read from its DVC-tracked copy."""
+    if not getattr(args, "source", None):
+        yield _overrides(args)
+        return
+    from lesionml.data.versioning import tracked_release
+
+    project = Path(args.params).resolve().parent
+    with tracked_release(Path(args.source), project) as source:
+        if source != Path(args.source).resolve():
+            print(
+                f"release {args.source} is tracked by DVC as {source.relative_to(project)} "
+                f"(git add {source.relative_to(project)}.dvc; dvc push shares it; "
+                f"data.source: {source.relative_to(project)} in params.yaml makes dvc repro use it)",
+                flush=True,
+            )
+        yield [*args.overrides, f"data.source={source}"]
+
+
 class _NoTracebackForUserErrors(logging.Filter):
     """Prefect logs a failing task's exception with its traceback; for a LesionMLError (a
     verdict on the user's input, printed by main() as one line) that traceback is noise."""
@@ -242,6 +269,10 @@ def _run_pipeline(args: argparse.Namespace, until: str, models: list[str] | None
 
     overrides = _overrides(args)
     load_params(args.params, overrides)  # fail on bad params before any Prefect start-up cost
+    if getattr(args, "runner", None):
+        from flows.runners import parse_runner
+
+        parse_runner(args.runner)
     _quiet_environment()
     from flows import local_api
 
@@ -254,8 +285,14 @@ def _run_pipeline(args: argparse.Namespace, until: str, models: list[str] | None
 
         import tasks.model  # noqa: F401
     started = time.perf_counter()
-    with local_api.serving():
-        result = pipeline(params_file=str(Path(args.params).resolve()), overrides=overrides, until=until, models=models)
+    with _source_under_dvc(args) as overrides, local_api.serving():
+        result = pipeline(
+            params_file=str(Path(args.params).resolve()),
+            overrides=overrides,
+            until=until,
+            models=models,
+            runner=getattr(args, "runner", None),
+        )
     _print_summary(result, time.perf_counter() - started)
 
 

@@ -34,6 +34,7 @@ def pipeline(
     overrides: list[str] | None = None,
     until: Stage = "register",
     models: list[str] | None = None,
+    runner: str | None = None,
 ) -> dict:
     """ingest -> preprocess -> split -> normalize -> augment -> (train -> evaluate per model) -> register.
 
@@ -42,8 +43,14 @@ def pipeline(
     lets `lesionml stage <name>` (one DVC stage) run through this same flow at little cost.
     Returns the artifacts and which stages were cache hits. With training included, the
     tracking store is checked first: an unreachable MLflow fails the run in seconds, not
-    after the data stages and an hour of training.
+    after the data stages and an hour of training. `runner` (`dask://HOST:PORT`) runs each
+    model's train -> evaluate chain at the same time on that Dask cluster (flows/runners.py);
+    by default they run here, one after the other.
     """
+    if runner is not None:
+        from flows.runners import parse_runner
+
+        parse_runner(runner)  # a mistyped runner fails before any stage runs
     params = load_params(params_file, overrides or [])
     chosen = list(models or params.models.enabled)
     unknown = sorted(set(chosen) - set(params.models.enabled))
@@ -54,12 +61,14 @@ def pipeline(
     ws = Workspace(params.data.workspace)
     # A run refused for its input (bad release, bad params) leaves the last good outputs as they were.
     with ws.lock(f"pipeline until {until}"), ws.rollback_on(DataError, ConfigError):
-        result = _pipeline(params, params_file, experiment_id, reach, chosen)
+        result = _pipeline(params, params_file, experiment_id, reach, chosen, runner)
     report.publish(result)
     return result
 
 
-def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach: int, chosen: list[str]) -> dict:
+def _pipeline(
+    params: Params, params_file: str, experiment_id: str | None, reach: int, chosen: list[str], runner: str | None
+) -> dict:
     cfg = params.data
     ws = cfg.workspace
     workspace = str(ws)
@@ -69,7 +78,7 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
     plan = _plan(reach, chosen)
     started = time.monotonic()
 
-    def stage(label: str, task, /, **inputs) -> dict:
+    def stage(label: str, task, task_runner=None, /, **inputs) -> dict:
         """Run one stage task (cache-verified), remember its outputs and whether it was a hit.
 
         Prints where the run is (stage k of n, time since it started) as the stage starts and
@@ -78,7 +87,7 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
         step = f"[{plan.index(label) + 1}/{len(plan)}] {label}"
         print(f"{step} ... ({_clock(time.monotonic() - started)} into the run)", flush=True)
         began = time.monotonic()
-        outs, hit = run_stage(task, ws, workspace=workspace, params=dump, **inputs)
+        outs, hit = run_stage(task, ws, task_runner, workspace=workspace, params=dump, **inputs)
         now = time.monotonic()
         print(f"{step} {'cached' if hit else 'ran'} ({now - began:.1f} s; {_clock(now - started)} into the run)")
         cached[label] = hit
@@ -108,10 +117,13 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
     ok = store_gone = False
     evaluated: dict[str, dict] = {}
     try:
-        for name in chosen:
+
+        def chain(name: str, task_runner=None) -> None:
+            """One model's train -> evaluate: independent of every other model's."""
             trained = stage(
                 f"train.{name}",
                 model.train,
+                task_runner,
                 name=name,
                 images_npz=prep["images"],
                 split_csv=split["split"],
@@ -120,16 +132,29 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
             )
             evaluated[name] = {"model": trained["model"], "summary": trained["summary"]}
             if reach < STAGES.index("evaluate"):
-                continue
+                return
             evaluated[name] |= stage(
                 f"evaluate.{name}",
                 model.evaluate,
+                task_runner,
                 name=name,
                 model_keras=trained["model"],
                 summary_json=trained["summary"],
                 images_npz=prep["images"],
                 split_csv=split["split"],
             )
+
+        if runner is None:
+            for name in chosen:
+                chain(name)
+        else:
+            from flows import runners
+
+            store = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(params.tracking)}
+            with runners.dask_runner(runners.parse_runner(runner), store) as task_runner:
+                runners.run_each(lambda name: chain(name, task_runner), chosen)
+            # Chains end in any order; registry versions are numbered in the order of `chosen`.
+            evaluated = {name: evaluated[name] for name in chosen}
         if reach >= STAGES.index("register"):
             registered = stage(
                 "register",

@@ -19,6 +19,8 @@ from typing import Any
 
 from prefect import Task
 from prefect.context import TaskRunContext
+from prefect.states import State
+from prefect.task_runners import TaskRunner
 
 from lesionml.errors import LesionMLError
 from lesionml.io import Artifact
@@ -75,8 +77,21 @@ def as_dicts(artifacts: dict[str, Artifact], workspace: str) -> dict[str, dict[s
     return {name: {"path": str(Path(a.path).relative_to(root)), "sha256": a.sha256} for name, a in artifacts.items()}
 
 
-def run_stage(task: Task, workspace: Path, /, **inputs: Any) -> tuple[dict[str, Artifact], bool]:
-    """Run `task`, returning its artifacts (paths in `workspace`) and whether they came from the cache.
+def _final_state(task: Task, task_runner: TaskRunner | None, inputs: dict[str, Any]) -> State:
+    """Run the task here, or on `task_runner` (another process, maybe another host) and wait."""
+    if task_runner is None:
+        return task(**inputs, return_state=True)
+    future = task_runner.submit(task, parameters=inputs)
+    future.wait()
+    if not future.state.is_final():
+        future.wrapped_future.result()  # raises what the runner knows (a lost worker, a dropped connection)
+    return future.state
+
+
+def run_stage(
+    task: Task, workspace: Path, task_runner: TaskRunner | None = None, /, **inputs: Any
+) -> tuple[dict[str, Artifact], bool]:
+    """Run `task` (here, or on `task_runner`), returning its artifacts (paths in `workspace`) and whether they came from the cache.
 
     A cache hit is trusted only if every file it names still holds the recorded bytes;
     otherwise (deleted or edited output) the stage is recomputed.
@@ -87,11 +102,11 @@ def run_stage(task: Task, workspace: Path, /, **inputs: Any) -> tuple[dict[str, 
     def artifacts_of(state: Any) -> dict[str, Artifact]:
         return {k: Artifact(str(workspace / v["path"]), v["sha256"]) for k, v in state.result().items()}
 
-    state = bound(**inputs, return_state=True)
+    state = _final_state(bound, task_runner, inputs)
     artifacts = artifacts_of(state)
     cached = state.is_completed() and state.name == "Cached"
     if cached and not all(a.is_intact() for a in artifacts.values()):
-        state = bound.with_options(refresh_cache=True)(**inputs, return_state=True)
+        state = _final_state(bound.with_options(refresh_cache=True), task_runner, inputs)
         artifacts = artifacts_of(state)
         cached = False
     return artifacts, cached

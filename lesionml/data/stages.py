@@ -36,19 +36,48 @@ def write_csv(path: Path, df: pd.DataFrame) -> Artifact:
 
 
 def read_csv(artifact: Artifact) -> pd.DataFrame:
+    """A stage's CSV output; a manifest's image files come back as absolute paths (see `ingest`)."""
     if not artifact.is_intact():
         raise DataError(f"{artifact.path}: changed or missing since it was produced; re-run the pipeline")
-    return pd.read_csv(artifact.path, keep_default_na=False, dtype={"member": str})
+    table = pd.read_csv(artifact.path, keep_default_na=False, dtype={"member": str})
+    if "file" in table.columns:
+        release = release_folder(Workspace(Path(artifact.path).parent.parent))
+        table["file"] = [str(release / f) for f in table.file]
+    return table
+
+
+def release_folder(ws: Workspace) -> Path:
+    """The release folder the ingest record names (relative to the folder holding the workspace)."""
+    try:
+        source = json.loads(ws.release.read_text())["source"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{ws.release}: no readable release record ({exc}); re-run ingest") from None
+    return (ws.root.parent / source).resolve()
+
+
+def _portable(path: Path, base: Path) -> str:
+    """`path` relative to `base` when it lies inside it (it moves with it), else absolute."""
+    path, base = path.resolve(), base.resolve()
+    return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
 
 
 def ingest(source: Path, ws: Workspace, max_archive_bytes: int) -> dict[str, Artifact]:
-    """Validate the release at `source` and record its manifest and fingerprint."""
+    """Validate the release at `source` and record its manifest and fingerprint.
+
+    Nothing recorded names the checkout: the manifest's files are relative to the release
+    folder, and release.json names that folder relative to the folder holding the
+    workspace (the project) when it lies inside it. So a second clone that pulls the
+    workspace and the release from a DVC remote, or re-ingests them, holds byte-identical
+    records, and every stage after ingest stays valid there.
+    """
+    source = Path(source).resolve()
     manifest = build_manifest(source, max_archive_bytes)
+    manifest["file"] = [_portable(Path(f), source) for f in manifest.file]
     out = {"manifest": write_csv(ws.manifest, manifest)}
     write_json(
         ws.release,
         {
-            "source": str(Path(source).resolve()),
+            "source": _portable(source, ws.root.parent),
             "images": len(manifest),
             "lesions": int(manifest.lesion_id.nunique()),
             "fingerprint": release_fingerprint(manifest),

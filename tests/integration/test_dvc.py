@@ -2,7 +2,9 @@
 
 One cold repro, then: nothing to redo, `lesionml run` finds everything cached, a changed
 `split.seed` re-runs split and what follows only, a changed image is a new data version,
-metrics and plots show, and a fresh clone pulls every output from the DVC remote.
+metrics and plots show, a fresh clone pulls every output from the DVC remote, and a release
+given with --source from outside the project is versioned by DVC and reaches a teammate's
+clone at another path, where nothing re-runs and the shared registry's model predicts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lesionml.data.versioning import tracked_release
+from lesionml.errors import DataError
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
@@ -84,7 +88,7 @@ def project(tmp_path_factory, prefect_server):
     _sh([str(BIN / "dvc"), "remote", "modify", "local", "url", str(remote)], root, env)
     _sh(["git", "add", "-A"], root, env)
     _sh(["git", "commit", "-qm", "project"], root, env)
-    cold = _sh([str(BIN / "dvc"), "repro"], root, env)
+    cold = _sh([str(BIN / "dvc"), "repro"], root, env, timeout=1800)  # nine stage commands on a busy machine
     return root, env, cold
 
 
@@ -152,3 +156,56 @@ def test_fresh_clone_pulls_every_output_from_the_remote(project, tmp_path):
     for out in ("ingest/release.json", "preprocess/images.npz", "train/cnn/model.keras", "evaluate/cnn/metrics.json"):
         assert (clone / "workspace" / out).read_bytes() == (root / "workspace" / out).read_bytes(), out
     assert "up to date" in _sh([str(BIN / "dvc"), "status"], clone, {**env, "PYTHONPATH": str(clone)})
+
+
+def test_release_from_outside_is_versioned_and_shared_with_a_second_clone(project, tmp_path):
+    """A teammate's clone at another path, with the release's origin gone, gets the release,
+    every stage output and (through one shared MLflow store, as a team's tracking server)
+    the models: `dvc repro` runs nothing there, re-ingesting writes the same bytes, and
+    `lesionml predict` answers without training."""
+    root, env, _ = project
+    origin = tmp_path / "incoming" / "ham-2026"
+    shutil.copytree(root / "data" / "sample", origin)
+    out = _sh([str(BIN / "lesionml"), "ingest", "--source", str(origin)], root, env)
+    assert "tracked by DVC as data/releases/ham-2026" in out
+    assert yaml.safe_load((root / "data/releases/ham-2026.dvc").read_text())["deps"][0]["path"] == str(origin)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["source"] = "data/releases/ham-2026"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Same images under the same relative names: no training. DVC re-runs what reads the ingest
+    # folder, whose release.json now names the new folder (preprocess is a Prefect cache hit).
+    assert _ran(_sh([str(BIN / "dvc"), "repro"], root, env)) == ["ingest", "preprocess", "register"]
+    for record in ("ingest/manifest.csv", "ingest/release.json"):
+        assert str(tmp_path) not in (root / "workspace" / record).read_text(), record
+    _sh(["git", "add", "-A"], root, env)
+    _sh(["git", "commit", "-qm", "release ham-2026"], root, env)
+    _sh([str(BIN / "dvc"), "push"], root, env)
+    shutil.rmtree(origin)  # the other machine never had it: the release must come from the remote
+
+    clone = tmp_path / "elsewhere" / "teammate"
+    _sh(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    team_env = {**env, "PYTHONPATH": str(clone), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlruns.db'}"}
+    _sh([str(BIN / "dvc"), "pull"], clone, team_env)
+    image = next((root / "data/releases/ham-2026/images").glob("*.jpg")).relative_to(root)
+    assert (clone / image).read_bytes() == (root / image).read_bytes()
+    assert _ran(_sh([str(BIN / "dvc"), "repro"], clone, team_env)) == []
+    _sh([str(BIN / "lesionml"), "ingest"], clone, team_env)
+    for record in ("ingest/manifest.csv", "ingest/release.json"):
+        assert (clone / "workspace" / record).read_bytes() == (root / "workspace" / record).read_bytes(), record
+    assert "up to date" in _sh([str(BIN / "dvc"), "status"], clone, team_env)
+    predicted = _sh([str(BIN / "lesionml"), "predict", str(clone / image), "--json"], clone, team_env)
+    assert '"predicted"' in predicted and str(clone / image) in predicted
+
+
+def test_a_refused_release_leaves_no_import_behind(tmp_path):
+    project, origin = tmp_path / "project", tmp_path / "incoming" / "rel"
+    origin.mkdir(parents=True)
+    (origin / "HAM10000_metadata.csv").write_text("not,a,release\n")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    _sh(["git", "init", "-q", str(project)], tmp_path, env)
+    _sh([str(BIN / "dvc"), "init", "-q"], project, env)
+    with pytest.raises(DataError, match="refused"), tracked_release(origin, project) as path:
+        assert (path / "HAM10000_metadata.csv").read_text() == "not,a,release\n"
+        raise DataError("refused")
+    assert not (project / "data" / "releases" / "rel").exists()
+    assert not (project / "data" / "releases" / "rel.dvc").exists()

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from lesionml.data.source import build_manifest, release_fingerprint
-from lesionml.data.stages import ingest
+from lesionml.data.stages import ingest, read_csv
 from lesionml.errors import DataError
-from lesionml.io import sha256_file
+from lesionml.io import Artifact, sha256_file
 from lesionml.workspace import Workspace
 from tests.helpers import LAYOUTS, METADATA, full_data_or_skip
 
@@ -97,9 +97,34 @@ def test_stage_ingest_records_the_same_fingerprint_for_every_layout(releases, tm
         out = ingest(src, Workspace(tmp_path / f"ws-{layout}"), LIMIT)
         assert out["manifest"].is_intact() and out["release"].is_intact()
         release = json.loads(Path(out["release"].path).read_text())
-        assert release["source"] == str(src.resolve()) and release["images"] == len(_rows(src))
+        assert release["source"] == src.name and release["images"] == len(_rows(src))
         recorded[layout] = release["fingerprint"]
     assert len(set(recorded.values())) == 1, recorded
+
+
+def test_ingest_records_name_no_checkout_and_survive_a_move(releases, tmp_path):
+    """Files relative to the release, the release relative to the project: a moved (or
+    cloned) project re-ingests to the same bytes, and its manifest still finds the images."""
+    project = tmp_path / "project"
+    shutil.copytree(releases["parts"], project / "data" / "release")
+    out = ingest(project / "data" / "release", Workspace(project / "ws"), LIMIT)
+    stored = pd.read_csv(out["manifest"].path, keep_default_na=False)
+    assert stored.file.str.fullmatch(r"HAM10000_images_part_[12]/ISIC_\d{7}\.jpg").all()
+    assert json.loads(Path(out["release"].path).read_text())["source"] == "data/release"
+    assert str(tmp_path) not in Path(out["manifest"].path).read_text() + Path(out["release"].path).read_text()
+
+    moved = tmp_path / "elsewhere" / "project"
+    shutil.move(project, moved)
+    table = read_csv(Artifact.of(moved / "ws" / "ingest" / "manifest.csv"))
+    assert all(Path(f).is_file() and Path(f).is_relative_to(moved) for f in table.file)
+    again = ingest(moved / "data" / "release", Workspace(moved / "ws"), LIMIT)
+    assert {k: a.sha256 for k, a in again.items()} == {k: a.sha256 for k, a in out.items()}
+
+
+def test_release_outside_the_project_is_recorded_by_absolute_path(releases, tmp_path):
+    out = ingest(releases["flat"], Workspace(tmp_path / "project" / "ws"), LIMIT)
+    assert json.loads(Path(out["release"].path).read_text())["source"] == str(releases["flat"].resolve())
+    assert (read_csv(out["manifest"]).file.map(lambda f: Path(f).parent) == releases["flat"].resolve()).all()
 
 
 def test_manifest_hashes_are_the_image_file_hashes(releases):

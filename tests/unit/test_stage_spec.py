@@ -36,6 +36,7 @@ def test_every_stage_is_declared_in_run_order_with_existing_code_and_params():
 NO_STAGE = {
     "lesionml/__init__.py",
     "lesionml/data/__init__.py",
+    "lesionml/data/versioning.py",  # the CLI brings a release under DVC before a run; no stage reads it
     "lesionml/errors.py",
     "lesionml/io.py",
     "lesionml/stage_spec.py",
