@@ -21,6 +21,7 @@ from lesionml.errors import DataError
 
 if TYPE_CHECKING:
     import keras
+    import pandas as pd
 
 MAX_PIXELS = 40_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -59,7 +60,13 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def predict_proba(model: keras.Model, images: np.ndarray, tta: bool = False, batch_size: int = 128) -> np.ndarray:
+def predict_proba(
+    model: keras.Model,
+    images: np.ndarray,
+    tta: bool = False,
+    batch_size: int = 128,
+    metadata: pd.DataFrame | None = None,
+) -> np.ndarray:
     """Class probabilities of uint8 images (N, H, W, 3), as float64 rows summing to 1.
 
     With `tta`, the average over the image and its three mirror images (horizontal,
@@ -67,13 +74,21 @@ def predict_proba(model: keras.Model, images: np.ndarray, tta: bool = False, bat
     and averaging them removes some of the model's orientation noise. Evaluation, the
     registry's champion re-run, `lesionml predict` and the served model all come here, so
     reported metrics are those of what is deployed.
+
+    `metadata`: for a model with the metadata branch, one row per image (age, sex,
+    localization; image_id, when present, names a bad row), every view getting its image's
+    row. None, or a row with every value missing, takes the withheld path. A model without
+    the branch ignores it.
     """
     from lesionml.data.augment import make_dataset
+    from lesionml.models.patient import patient_inputs, uses_metadata
 
+    inputs = patient_inputs(metadata, len(images)) if uses_metadata(model) else None
     views = [images] + ([images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]] if tta else [])
     proba = sum(
         np.asarray(
-            model.predict(make_dataset(np.ascontiguousarray(v), batch_size=batch_size), verbose=0), dtype=np.float64
+            model.predict(make_dataset(np.ascontiguousarray(v), batch_size=batch_size, inputs=inputs), verbose=0),
+            dtype=np.float64,
         )
         for v in views
     )
