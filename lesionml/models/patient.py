@@ -25,6 +25,7 @@ import pandas as pd
 
 from lesionml.config import MetadataConfig
 from lesionml.data.metadata import check_patient
+from lesionml.errors import DataError
 
 if TYPE_CHECKING:
     import keras
@@ -67,12 +68,16 @@ class PatientStats:
         any other age to thousands of standard deviations.
         """
         clean = check_patient(rows, "train split", _row_names(rows))
+        vocabularies = {c: tuple(sorted(set(clean[c]) - {UNKNOWN})) for c in ("sex", "localization")}
+        for column, known in vocabularies.items():
+            if not known:  # a one-hot of `unknown` alone says nothing, and Keras refuses an empty vocabulary
+                raise DataError(f"train split: no image has a known {column}; turn the model's metadata off")
         ages = clean.age.dropna()
         return cls(
             age_mean=float(ages.mean()) if len(ages) else 0.0,
             age_variance=max(float(ages.var(ddof=0)), 1.0) if len(ages) > 1 else 1.0,
-            sexes=tuple(sorted(set(clean.sex) - {UNKNOWN})),
-            localizations=tuple(sorted(set(clean.localization) - {UNKNOWN})),
+            sexes=vocabularies["sex"],
+            localizations=vocabularies["localization"],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +149,7 @@ def _one_hot(name: str, vocabulary: Sequence[str]) -> keras.layers.Layer:
     from keras import layers
 
     return layers.StringLookup(
-        vocabulary=list(vocabulary) or None,
+        vocabulary=list(vocabulary),
         num_oov_indices=1,
         output_mode="one_hot",
         name=f"{name}_onehot_train_vocabulary",

@@ -99,6 +99,8 @@ def test_the_encoding_is_fitted_on_train_rows_only_and_unseen_values_are_unknown
     stats = PatientStats.fit(train)
     assert (stats.age_mean, stats.age_variance) == (40.0, 100.0)
     assert stats.sexes == ("female", "male") and stats.localizations == ("back", "face")
+    with pytest.raises(DataError, match="^train split: no image has a known localization; turn"):
+        PatientStats.fit(train.assign(localization="unknown"))
     model = build_model("cnn", CNN, SIZE, STATS, 7, patient=stats)
     sites = model.get_layer("localization_onehot_train_vocabulary")
     assert sites.get_vocabulary() == ["[UNK]", "back", "face"]
