@@ -19,6 +19,13 @@ run: setup
 	$(BIN)/lesionml run $(ARGS)
 
 test: setup
+	@# The browser tests (tests/integration/test_ui.py) drive Debian's chromium: installed here
+	@# when missing and this is root on a Debian-like machine; otherwise they skip.
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium for the browser tests (apt-get)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; \
+	fi
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports

@@ -1,8 +1,8 @@
 """Epoch times of `model.fit` on lesionml's training dataset with the tf.data autotuner on
 (TensorFlow's default) and off (what `lesionml.data.augment.make_dataset` does).
 
-Why it exists: on this 2-core machine, epochs of identical work took either ~11 s or
-exactly 20.5 s at random with the autotuner on. The sides alternate epoch by epoch, each
+Why it exists: on 2 cores, epochs of identical work randomly took much longer with the
+autotuner on (docs/benchmarks.md). The sides alternate epoch by epoch, each
 side with its own model, so a drift in machine speed weighs on both.
 
     .venv/bin/python bench/autotune.py [--images 2048] [--epochs 5]

@@ -2,9 +2,8 @@
 asks for) and off (TensorFlow's own choice on a CPU without AVX-512 VNNI/BF16 or AMX).
 
 Why it exists: TensorFlow turns oneDNN on by itself only on CPUs with those features. On
-an AVX2-only AMD EPYC machine this project ran on, its fallback, the Eigen kernels, trained the CNN
-at about 80 images/s, and a TensorFlow profile of one epoch put 66% of the step in the
-convolutions' weight gradients. `lesionml/__init__.py` therefore sets
+AVX2-only CPUs its fallback, the Eigen kernels, trains the CNN far more slowly, most of the
+step in the convolutions' weight gradients (docs/benchmarks.md). `lesionml/__init__.py` therefore sets
 TF_ENABLE_ONEDNN_OPTS=1 unless the environment already says otherwise.
 
 The switch is read when TensorFlow is imported, so each side is its own subprocess: the

@@ -35,6 +35,7 @@ check); the defaults (params.yaml's epochs, both models) are the real measuremen
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -116,28 +117,49 @@ def plain_pipeline(params_file: Path, overrides: list[str]) -> int:
     parent = tracking.start_run(
         experiment, "pipeline", {"lesionml.data_fingerprint": release["fingerprint"], "git_commit": commit}
     )
-    extra = {f"split.n_{s}": int(counts.loc["total", s]) for s in counts.columns}
+    sizes = {s: int(counts.loc["total", s]) for s in counts.columns}
+    extra = {f"split.n_{s}": n for s, n in sizes.items()}
     extra.update({"data.fingerprint": release["fingerprint"], "data.n_images": release["images"]})
     tracking.log_params(parent, params, extra)
+    datasets = tracking.release_datasets(cfg.source, release["fingerprint"], sizes)
+    tracking.log_datasets(parent, datasets)
     tracking.log_artifact(parent, aug["preview"].path, "data")
     tracking.log_artifact(parent, norm["stats"].path, "data")
     tracking.log_text(parent, counts.to_string(), "data/split_counts.txt")
     step("start MLflow parent run")
 
+    # Each stage and its logging composed as tasks/model.py composes them.
     evaluated = {}
     for name in params.models.enabled:
-        run = tracking.RunContext(experiment, parent, {"lesionml.model": name})
-        trained = model_stages.train(name, prep["images"], split["split"], norm["stats"], ws, params, run)
+        run = tracking.RunContext(experiment, parent, {"lesionml.model": name}, datasets)
+        with tracking.model_run(run, name) as run_id:
+            trained = model_stages.train(
+                name,
+                prep["images"],
+                split["split"],
+                norm["stats"],
+                ws,
+                params,
+                run_id,
+                on_epoch=tracking.epoch_logger(run_id),
+                on_trained=functools.partial(tracking.log_training, run_id),
+            )
         step(f"train.{name}")
-        evaluated[name] = {"model": trained["model"], "summary": trained["summary"]} | model_stages.evaluate(
-            name, trained["model"], trained["summary"], prep["images"], split["split"], ws, params.evaluate
-        )
+        model, summary = trained.artifacts["model"], trained.artifacts["summary"]
+        result = model_stages.evaluate(name, model, summary, prep["images"], split["split"], ws, params.evaluate)
+        tracking.log_evaluation(result)
+        evaluated[name] = {"model": model, "summary": summary} | result.artifacts
         step(f"evaluate.{name}")
-    registered = model_stages.register(
-        evaluated, ingested["manifest"], ingested["release"], split["split"], ws, params, commit
+    model_name = params.registry.model_name
+    offer = model_stages.registration(
+        evaluated, ingested["manifest"], ingested["release"], split["split"], params, commit
     )
+    champion = tracking.champion_predictions(model_name, offer.test.images)
+    versions = tracking.register_versions(offer, model_name, params.evaluate.tta)
+    registered = model_stages.register(offer, versions, champion, ws, params)
+    tracking.log_registration(model_name, offer, registered)
     step("register")
-    decision = json.loads(Path(registered["decision"].path).read_text())
+    decision = registered.decision
     tracking.set_tags(
         parent,
         {

@@ -14,9 +14,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lesionml.errors import LesionMLError
 from lesionml.workspace import STAGES
+
+if TYPE_CHECKING:
+    from flows.report import ModelResult
 
 
 def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
@@ -58,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(retrain, source=False)
     schedule = sub.add_parser(
-        "schedule", help="serve the retraining flow as a Prefect deployment on a cron schedule (needs PREFECT_API_URL)"
+        "schedule",
+        help="deploy the retraining flow to a Prefect work pool on a cron schedule (needs PREFECT_API_URL)",
     )
     _common(schedule, source=False)
     when = schedule.add_mutually_exclusive_group()
@@ -70,10 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="fire every SECONDS instead of on a cron schedule (for trying it out, and tests)",
     )
     schedule.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    schedule.add_argument(
+        "--pool", default="lesionml", help="process work pool, created if missing (default: lesionml)"
+    )
+    schedule.add_argument(
+        "--serve", action="store_true", help="run the scheduled runs in this process until Ctrl-C (no worker needed)"
+    )
+    from cli.stack import add_parser as add_stack_parser
+
+    add_stack_parser(sub)
     predict = sub.add_parser("predict", help="classify image files or folders with a registered model")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--model", help="NAME@ALIAS (default: <registry.model_name>@champion)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument(
+        "--explain",
+        metavar="OUT_DIR",
+        help="also write a Grad-CAM overlay PNG per image into OUT_DIR: where the model saw the class it answered",
+    )
     predict.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
     compare = sub.add_parser("compare", help="table of the models of the last run(s), logged to MLflow too")
     compare.add_argument("--last", type=int, default=1, help="pipeline runs to include (default 1)")
@@ -85,47 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: not reachable from other machines)"
     )
     return parser
-
-
-def _schedule(args: argparse.Namespace) -> None:
-    from lesionml.config import load_params
-
-    params = load_params(args.params, args.overrides)
-    cron = args.cron or params.schedule.cron
-    _quiet_environment()
-    from prefect.schedules import Cron, Interval
-    from prefect.settings import get_current_settings
-
-    api = get_current_settings().api.url
-    if not api:
-        raise LesionMLError(
-            "scheduling needs a running Prefect server: start one with `prefect server start --host 127.0.0.1` "
-            "and export PREFECT_API_URL=http://127.0.0.1:4200/api"
-        )
-    from flows.retrain import retrain
-
-    if args.interval is not None:
-        if args.interval < 10:
-            raise LesionMLError(f"--interval {args.interval}: fire at most every 10 seconds")
-        schedule, when = Interval(args.interval, timezone=params.schedule.timezone), f"every {args.interval} s"
-    else:
-        try:
-            schedule = Cron(cron, timezone=params.schedule.timezone)
-        except ValueError as exc:
-            raise LesionMLError(f"cron schedule '{cron}' is invalid: {exc}") from None
-        when = f"cron '{cron}' ({params.schedule.timezone})"
-    print(
-        f"deployment lesionml-retrain/{args.name} on {api}: {when}; Ctrl-C stops serving (the schedule is paused)",
-        flush=True,
-    )
-    retrain.serve(
-        name=args.name,
-        schedules=[schedule],
-        parameters={"params_file": str(Path(args.params).resolve()), "overrides": list(args.overrides)},
-        description="Re-ingest the configured release; retrain, evaluate and register unless nothing changed.",
-        limit=1,  # one retraining at a time: a run that outlasts the interval is not overlapped
-        print_starting_message=False,
-    )
 
 
 def _retrain(args: argparse.Namespace) -> None:
@@ -201,26 +179,24 @@ def _quiet_environment() -> None:
 
 
 def _print_summary(result: dict, seconds: float) -> None:
-    import pandas as pd
-
-    from lesionml.data.split import split_counts
+    from flows.report import read_run
 
     arts = result["artifacts"]
-    release = json.loads(Path(arts["ingest.release"]["path"]).read_text())
+    report = read_run(result)  # the same files, read the same way, as the run's Prefect artifacts
+    release = report.release
     print(f"\nrelease  {release['source']}")
     print(
         f"         {release['images']} images of {release['lesions']} lesions, fingerprint {release['fingerprint'][:16]}"
     )
-    if "split.split" in arts:
-        table = split_counts(pd.read_csv(arts["split.split"]["path"]))
+    if report.counts is not None:
         print("\nimages per class and split:")
-        print(table.to_string())
+        print(report.counts.to_string())
     if "preprocess.images" in arts:
         from lesionml.data.images import image_array_shape
 
         shape = image_array_shape(arts["preprocess.images"]["path"])
         print(f"\nimage array  {shape[0]} x {shape[1]}x{shape[2]}x{shape[3]} uint8 (N x height x width x RGB)")
-    _print_model_results(arts)
+    _print_model_results(report.models)
     if result.get("mlflow_run_id"):
         from lesionml.tracking import redact
 
@@ -233,32 +209,29 @@ def _print_summary(result: dict, seconds: float) -> None:
     print(f"done in {seconds:.1f} s")
 
 
-def _print_model_results(arts: dict) -> None:
+def _print_model_results(models: list[ModelResult]) -> None:
     rows, notes = [], []
-    for key, art in arts.items():
-        if key.startswith("evaluate.") and key.endswith(".metrics"):
-            name = key.split(".")[1]
-            metrics = json.loads(Path(art["path"]).read_text())
-            summary = json.loads(Path(arts[f"train.{name}.summary"]["path"]).read_text())
-            for split in ("val", "test"):
-                m = metrics[split]
-                rows.append(
-                    f"  {name:<9} {split:<5} {m['accuracy']:>8.3f} {m['balanced_accuracy']:>9.3f} {m['macro_f1']:>8.3f} "
-                    f"{m.get('roc_auc_macro', float('nan')):>8.3f} {m['mel_sensitivity']:>8.3f}   "
-                    f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['train_seconds']:.0f} s"
-                )
-            decision = metrics.get("decision", {})
-            if decision.get("temperature", 1.0) != 1.0:
-                notes.append(
-                    f"  {name}: probabilities temperature-scaled, T {decision['temperature']:.3f} (fitted on "
-                    f"val); test ECE {decision['raw_ece']['test']:.3f} -> {metrics['test']['ece']:.3f}"
-                )
-            if decision.get("prior_correction"):
-                plain = decision["argmax"]["test"]
-                notes.append(
-                    f"  {name}: prior correction tau {decision['tau']:.2f} ({decision['objective']}); plain "
-                    f"argmax on test: accuracy {plain['accuracy']:.3f}, bal.acc {plain['balanced_accuracy']:.3f}"
-                )
+    for model in models:
+        name, metrics, summary = model.name, model.metrics, model.summary
+        for split in ("val", "test"):
+            m = metrics[split]
+            rows.append(
+                f"  {name:<9} {split:<5} {m['accuracy']:>8.3f} {m['balanced_accuracy']:>9.3f} {m['macro_f1']:>8.3f} "
+                f"{m.get('roc_auc_macro', float('nan')):>8.3f} {m['mel_sensitivity']:>8.3f}   "
+                f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['train_seconds']:.0f} s"
+            )
+        decision = metrics.get("decision", {})
+        if decision.get("temperature", 1.0) != 1.0:
+            notes.append(
+                f"  {name}: probabilities temperature-scaled, T {decision['temperature']:.3f} (fitted on "
+                f"val); test ECE {decision['raw_ece']['test']:.3f} -> {metrics['test']['ece']:.3f}"
+            )
+        if decision.get("prior_correction"):
+            plain = decision["argmax"]["test"]
+            notes.append(
+                f"  {name}: prior correction tau {decision['tau']:.2f} ({decision['objective']}); plain "
+                f"argmax on test: accuracy {plain['accuracy']:.3f}, bal.acc {plain['balanced_accuracy']:.3f}"
+            )
     if rows:
         print("\nmodel     split  accuracy  bal.acc  macro-F1  AUC     mel.sens  training")
         print("\n".join(rows + notes))
@@ -312,8 +285,16 @@ def _predict(args: argparse.Namespace) -> int:
     model = tracking.load_pyfunc(f"models:/{name}@{alias}")
     items = read_files(files)
     out = model.predict(pd.DataFrame({"image": [data if data is not None else b"" for _, data in items]}))
+    served = model.unwrap_python_model()  # the registered LesionClassifier: its Keras model and rule
+    print(f"{name}@{alias}: decision rule: {served.rule}", file=sys.stderr)
+    explained = [None] * len(items)
+    if args.explain:
+        from lesionml.explain import explain_files
+
+        answers = [row.predicted if not row.error else None for row in out.itertuples(index=False)]
+        explained = explain_files(served.model, items, answers, Path(args.explain))
     failed = 0
-    for (source, data), row in zip(items, out.itertuples(index=False), strict=True):
+    for (source, data), row, overlay in zip(items, out.itertuples(index=False), explained, strict=True):
         error = row.error.replace("image[", "").split("]: ", 1)[-1] if row.error else ""
         if data is None:
             error = "cannot read file"
@@ -333,12 +314,15 @@ def _predict(args: argparse.Namespace) -> int:
                         "predicted": row.predicted,
                         "name": CLASS_NAMES[row.predicted],
                         "probabilities": proba,
+                        **({"explanation": str(overlay)} if overlay else {}),
                     }
                 )
             )
         else:
             ranked = "  ".join(f"{c} {p:.3f}" for c, p in sorted(proba.items(), key=lambda kv: -kv[1]))
             print(f"{source}: {row.predicted} ({CLASS_NAMES[row.predicted]}, {proba[row.predicted]:.1%})  |  {ranked}")
+    if args.explain:
+        print(f"Grad-CAM overlays: {sum(p is not None for p in explained)} in {args.explain}", file=sys.stderr)
     if failed:
         print(f"lesionml: {failed} of {len(items)} files could not be predicted", file=sys.stderr)
     return 1 if failed else 0
@@ -405,7 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "retrain":
             _retrain(args)
         elif args.command == "schedule":
-            _schedule(args)
+            from cli.schedule import schedule
+
+            schedule(args)
+        elif args.command == "stack":
+            from cli.stack import stack
+
+            stack(args)
         elif args.command == "ui":
             _ui(args)
         elif args.command == "predict":

@@ -7,12 +7,14 @@ file path, where postponed annotations such as `Stage` cannot be resolved.)
 """
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 from prefect import flow
 
+from flows import report
 from lesionml import tracking
 from lesionml.config import Params, load_params
 from lesionml.data.source import source_signature
@@ -52,61 +54,57 @@ def pipeline(
     ws = Workspace(params.data.workspace)
     # A run refused for its input (bad release, bad params) leaves the last good outputs as they were.
     with ws.lock(f"pipeline until {until}"), ws.rollback_on(DataError, ConfigError):
-        return _pipeline(params, params_file, experiment_id, reach, chosen)
+        result = _pipeline(params, params_file, experiment_id, reach, chosen)
+    report.publish(result)
+    return result
 
 
 def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach: int, chosen: list[str]) -> dict:
     cfg = params.data
     ws = cfg.workspace
     workspace = str(ws)
+    dump = params.model_dump(mode="json")  # every task gets all params; its cache key only its stage's
     artifacts: dict[str, dict[str, str]] = {}
     cached: dict[str, bool] = {}
+    plan = _plan(reach, chosen)
+    started = time.monotonic()
 
     def stage(label: str, task, /, **inputs) -> dict:
-        """Run one stage task (cache-verified), remember its outputs and whether it was a hit."""
-        outs, hit = run_stage(task, ws, workspace=workspace, **inputs)
+        """Run one stage task (cache-verified), remember its outputs and whether it was a hit.
+
+        Prints where the run is (stage k of n, time since it started) as the stage starts and
+        as it ends, so a long training never looks hung, and shows which stages were cache hits.
+        """
+        step = f"[{plan.index(label) + 1}/{len(plan)}] {label}"
+        print(f"{step} ... ({_clock(time.monotonic() - started)} into the run)", flush=True)
+        began = time.monotonic()
+        outs, hit = run_stage(task, ws, workspace=workspace, params=dump, **inputs)
+        now = time.monotonic()
+        print(f"{step} {'cached' if hit else 'ran'} ({now - began:.1f} s; {_clock(now - started)} into the run)")
         cached[label] = hit
         artifacts.update({f"{label}.{k}": a.to_dict() for k, a in outs.items()})
         return {k: a.to_dict() for k, a in outs.items()}
 
-    ingested = stage(
-        "ingest",
-        data.ingest,
-        source_dir=str(cfg.source),
-        signature=source_signature(cfg.source),
-        max_archive_bytes=cfg.max_archive_bytes,
-    )
+    ingested = stage("ingest", data.ingest, signature=source_signature(cfg.source))
     result = {"cached": cached, "artifacts": artifacts, "workspace": workspace}
     if reach < STAGES.index("preprocess"):
         return result
-    prep = stage(
-        "preprocess",
-        data.preprocess,
-        manifest=ingested["manifest"],
-        data={"image_size": list(cfg.image_size), "max_image_pixels": cfg.max_image_pixels},
-        workers=cfg.workers,
-    )
+    prep = stage("preprocess", data.preprocess, manifest=ingested["manifest"])
     if reach < STAGES.index("split"):
         return result
-    split = stage("split", data.split_task, metadata_csv=prep["metadata"], params=params.section("split"))
+    split = stage("split", data.split_task, metadata_csv=prep["metadata"])
     if reach < STAGES.index("normalize"):
         return result
     norm = stage("normalize", data.normalize_task, images_npz=prep["images"], split_csv=split["split"])
     if reach < STAGES.index("augment"):
         return result
-    aug = stage(
-        "augment",
-        data.augment_task,
-        images_npz=prep["images"],
-        split_csv=split["split"],
-        params=params.section("augment"),
-    )
+    aug = stage("augment", data.augment_task, images_npz=prep["images"], split_csv=split["split"])
     if reach < STAGES.index("train"):
         return result
     from tasks import model  # imported here: scikit-learn, Keras and MLflow cost seconds a data-only run never needs
 
     commit = tracking.git_commit(Path(params_file).parent)
-    parent = _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, commit)
+    parent, datasets = _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, commit)
     ok = store_gone = False
     evaluated: dict[str, dict] = {}
     try:
@@ -118,8 +116,7 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 images_npz=prep["images"],
                 split_csv=split["split"],
                 stats_json=norm["stats"],
-                params=params.model_dump(mode="json"),
-                run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name})),
+                run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name}, datasets)),
             )
             evaluated[name] = {"model": trained["model"], "summary": trained["summary"]}
             if reach < STAGES.index("evaluate"):
@@ -132,7 +129,6 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 summary_json=trained["summary"],
                 images_npz=prep["images"],
                 split_csv=split["split"],
-                params=params.section("evaluate"),
             )
         if reach >= STAGES.index("register"):
             registered = stage(
@@ -142,7 +138,6 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 manifest_csv=ingested["manifest"],
                 release_json=ingested["release"],
                 split_csv=split["split"],
-                params=params.model_dump(mode="json"),
                 git_commit=commit,
             )
             decision = json.loads(Path(registered["decision"]["path"]).read_text())
@@ -168,20 +163,39 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
             tracking.set_tags(parent, {"lesionml.all_cached": str(all_cached).lower()})
             tracking.end_run(parent, ok=ok)
     result["mlflow_run_id"] = parent
+    result["mlflow_experiment_id"] = experiment_id
     result["tracking_uri"] = tracking.tracking_uri(params.tracking)
     return result
 
 
-def _start_pipeline_run(experiment_id, params, ingested, split, norm, aug, commit: str) -> str:
-    """The parent MLflow run: params, data fingerprint, split sizes, code version, data artifacts."""
+def _plan(reach: int, chosen: list[str]) -> list[str]:
+    """The stages this run goes through, in order, as `stage()` labels them."""
+    reached = STAGES[: reach + 1]
+    per_model = [s for s in ("train", "evaluate") if s in reached]
+    data_stages = [s for s in reached if s not in ("train", "evaluate", "register")]
+    return data_stages + [f"{s}.{name}" for name in chosen for s in per_model] + [s for s in reached if s == "register"]
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def _start_pipeline_run(
+    experiment_id, params, ingested, split, norm, aug, commit: str
+) -> tuple[str, tuple[tracking.SplitDataset, ...]]:
+    """The parent MLflow run: params, data fingerprint, split sizes, code version, data artifacts,
+    and the release's splits as its dataset inputs (returned for the model runs to log too)."""
     release = json.loads(Path(ingested["release"]["path"]).read_text())
     counts = split_counts(pd.read_csv(split["split"]["path"]))
     tags = {"lesionml.data_fingerprint": release["fingerprint"], "git_commit": commit}
     run_id = tracking.start_run(experiment_id, "pipeline", tags)
-    extra = {f"split.n_{s}": int(counts.loc["total", s]) for s in counts.columns}
+    sizes = {s: int(counts.loc["total", s]) for s in counts.columns}
+    extra = {f"split.n_{s}": n for s, n in sizes.items()}
     extra.update({"data.fingerprint": release["fingerprint"], "data.n_images": release["images"]})
     tracking.log_params(run_id, params, extra)
+    datasets = tracking.release_datasets(params.data.source, release["fingerprint"], sizes)
+    tracking.log_datasets(run_id, datasets)
     tracking.log_artifact(run_id, aug["preview"]["path"], "data")
     tracking.log_artifact(run_id, norm["stats"]["path"], "data")
     tracking.log_text(run_id, counts.to_string(), "data/split_counts.txt")
-    return run_id
+    return run_id, datasets

@@ -4,10 +4,9 @@
 imports either, so every function can be used and tested on its own.
 
 TensorFlow turns its oneDNN kernels on by itself only on CPUs with AVX-512 VNNI/BF16 or
-AMX. On an AVX2-only CPU (one of the AMD EPYC machines this project ran on) they trained
-the CNN 1.6x faster than the Eigen kernels TensorFlow falls back to (README, "Results"),
-so they are asked for here, before anything imports TensorFlow; a TF_ENABLE_ONEDNN_OPTS
-already set wins.
+AMX. On AVX2-only CPUs the Eigen kernels it falls back to train the CNN far more slowly
+(docs/benchmarks.md, bench/onednn.py), so oneDNN is asked for here, before anything
+imports TensorFlow; a TF_ENABLE_ONEDNN_OPTS already set wins.
 """
 
 import os

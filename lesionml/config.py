@@ -1,4 +1,9 @@
-"""params.yaml -> typed, validated configuration: the one source of truth for every stage.
+"""params.yaml -> typed, validated configuration.
+
+params.yaml holds every value; the sections here hold only types and bounds. A setting
+has no default in code (a missing key is an error naming it) unless its absence means
+something (a model's own `train` settings: none), so the file and the code cannot disagree
+about what a run does. What each setting does and why it has its value: docs/configuration.md.
 
 Every section is a frozen pydantic model that forbids unknown keys, so a typo in
 params.yaml or in `--set` fails at load time with one line naming the key, instead of
@@ -8,10 +13,10 @@ being silently ignored and producing a run that differs from what the user asked
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from lesionml.errors import ConfigError
 
@@ -21,12 +26,12 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Path = Path("data/sample")
-    workspace: Path = Path("workspace")
-    image_size: tuple[int, int] = (75, 100)
-    workers: int = Field(2, ge=1, le=64)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    max_archive_bytes: int = Field(20_000_000_000, ge=1)
+    source: Path
+    workspace: Path
+    image_size: tuple[int, int]
+    workers: int = Field(ge=1, le=64)
+    max_image_pixels: int = Field(ge=1)
+    max_archive_bytes: int = Field(ge=1)
 
     @model_validator(mode="after")
     def _check_size(self) -> DataConfig:
@@ -37,9 +42,9 @@ class DataConfig(_Section):
 
 
 class SplitConfig(_Section):
-    seed: int = 42
-    val_fraction: float = Field(0.15, gt=0, lt=1)
-    test_fraction: float = Field(0.15, gt=0, lt=1)
+    seed: int
+    val_fraction: float = Field(gt=0, lt=1)
+    test_fraction: float = Field(gt=0, lt=1)
 
     @model_validator(mode="after")
     def _check_fractions(self) -> SplitConfig:
@@ -52,15 +57,15 @@ class SplitConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    seed: int = 42
-    rotation_degrees: float = Field(180.0, ge=0, le=180)
-    shift_fraction: float = Field(0.1, ge=0, lt=1)
-    zoom_fraction: float = Field(0.1, ge=0, lt=1)
-    horizontal_flip: bool = True
-    vertical_flip: bool = True
-    brightness: float = Field(0.1, ge=0, le=1)
-    contrast: float = Field(0.1, ge=0, lt=1)
-    preview_images: int = Field(8, ge=1, le=32)
+    seed: int
+    rotation_degrees: float = Field(ge=0, le=180)
+    shift_fraction: float = Field(ge=0, lt=1)
+    zoom_fraction: float = Field(ge=0, lt=1)
+    horizontal_flip: bool
+    vertical_flip: bool
+    brightness: float = Field(ge=0, le=1)
+    contrast: float = Field(ge=0, lt=1)
+    preview_images: int = Field(ge=1, le=32)
 
 
 # The names lesionml.models can build; one config section per name below.
@@ -84,8 +89,8 @@ class MetadataConfig(_Section):
 class _ModelSection(_Section):
     """A model's architecture, plus `train`: settings of the train section for this model only.
 
-    Models of different depth peak at different points of a schedule: the CNN+LSTM overfits
-    in the epochs the CNN still needs (see README, "Results"). Keys are `train` keys.
+    Models of different depth peak at different points of a schedule (docs/results.md), so
+    a model may name its own values of some `train` keys; absent, it trains as `train` says.
     """
 
     train: dict[str, Any] = Field(default_factory=dict)
@@ -95,14 +100,17 @@ class _ModelSection(_Section):
     @field_validator("train")
     @classmethod
     def _check_train_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(overrides) - set(TrainConfig.model_fields))
+        fields = TrainConfig.model_fields
+        unknown = sorted(set(overrides) - set(fields))
         if unknown:
-            raise ValueError(f"unknown train setting {unknown[0]!r}; known: {', '.join(TrainConfig.model_fields)}")
-        try:
-            TrainConfig.model_validate(overrides)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ValueError(f"{err['loc'][0]}: {err['msg']} (got {err['input']!r})") from None
+            raise ValueError(f"unknown train setting {unknown[0]!r}; known: {', '.join(fields)}")
+        for key, value in overrides.items():
+            try:
+                field = fields[key]
+                bounded = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+                TypeAdapter(bounded).validate_python(value)
+            except ValidationError as exc:
+                raise ValueError(f"{key}: {exc.errors()[0]['msg']} (got {value!r})") from None
         return overrides
 
 
@@ -114,15 +122,15 @@ class CNNConfig(_ModelSection):
     can sit anywhere in the frame at any rotation.
     """
 
-    filters: tuple[int, ...] = (32, 64, 128, 256)
+    filters: tuple[int, ...]
     # One count for every block, or one per block: a conv at 12x16 costs a fraction of one at
     # full resolution, so depth is cheapest where the map is small.
-    convs_per_block: int | tuple[int, ...] = 1
-    kernel_size: int = Field(3, ge=1, le=11)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    head: Literal["flatten", "global_average"] = "flatten"
-    dense_units: int = Field(128, ge=1)
-    dense_dropout: float = Field(0.5, ge=0, lt=1)
+    convs_per_block: int | tuple[int, ...]
+    kernel_size: int = Field(ge=1, le=11)
+    dropout: float = Field(ge=0, lt=1)
+    head: Literal["flatten", "global_average"]
+    dense_units: int = Field(ge=1)
+    dense_dropout: float = Field(ge=0, lt=1)
 
     @model_validator(mode="after")
     def _check_convs(self) -> CNNConfig:
@@ -144,19 +152,19 @@ class CNNConfig(_ModelSection):
 class CNNLSTMConfig(_ModelSection):
     """MODEL2: conv front (conv + max pool + batch norm), rows of the map read by an LSTM."""
 
-    filters: tuple[int, ...] = (32, 64, 128)
-    kernel_size: int = Field(3, ge=1, le=11)
-    dropout: float = Field(0.25, ge=0, lt=1)
-    lstm_units: int = Field(64, ge=1)
-    bidirectional: bool = False
-    dense_units: int = Field(64, ge=1)
-    dense_dropout: float = Field(0.5, ge=0, lt=1)
+    filters: tuple[int, ...]
+    kernel_size: int = Field(ge=1, le=11)
+    dropout: float = Field(ge=0, lt=1)
+    lstm_units: int = Field(ge=1)
+    bidirectional: bool
+    dense_units: int = Field(ge=1)
+    dense_dropout: float = Field(ge=0, lt=1)
 
 
 class ModelsConfig(_Section):
-    enabled: tuple[str, ...] = ("cnn", "cnn_lstm")
-    cnn: CNNConfig = CNNConfig()
-    cnn_lstm: CNNLSTMConfig = CNNLSTMConfig()
+    enabled: tuple[str, ...]
+    cnn: CNNConfig
+    cnn_lstm: CNNLSTMConfig
 
     @model_validator(mode="after")
     def _check_enabled(self) -> ModelsConfig:
@@ -178,83 +186,87 @@ class TrainConfig(_Section):
     nv, and the power trades plain accuracy against rare-class recall.
     """
 
-    seed: int = 42
-    epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    learning_rate: float = Field(1e-3, gt=0, le=1)
-    weight_decay: float = Field(0.0, ge=0, lt=1)  # AdamW, decoupled
-    lr_schedule: Literal["cosine", "plateau"] = "cosine"
-    warmup_epochs: int = Field(1, ge=0)
-    class_weight_power: float = Field(0.5, ge=0, le=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    monitor: Literal["val_loss", "val_accuracy", "val_balanced_accuracy"] = "val_loss"
-    early_stopping_patience: int = Field(0, ge=0)  # 0: never stop early
-    lr_patience: int = Field(2, ge=1)  # plateau schedule only
-    lr_factor: float = Field(0.5, gt=0, lt=1)
-    min_lr: float = Field(1e-5, ge=0)
+    seed: int
+    epochs: int = Field(ge=1, le=1000)
+    batch_size: int = Field(ge=1, le=4096)
+    learning_rate: float = Field(gt=0, le=1)
+    weight_decay: float = Field(ge=0, lt=1)  # AdamW, decoupled
+    lr_schedule: Literal["cosine", "plateau"]
+    warmup_epochs: int = Field(ge=0)
+    class_weight_power: float = Field(ge=0, le=1)
+    label_smoothing: float = Field(ge=0, lt=1)
+    monitor: Literal["val_loss", "val_accuracy", "val_balanced_accuracy"]
+    early_stopping_patience: int = Field(ge=0)  # 0: never stop early
+    lr_patience: int = Field(ge=1)  # plateau schedule only
+    lr_factor: float = Field(gt=0, lt=1)
+    min_lr: float = Field(ge=0)
     # Validate, pick the best epoch and save with an exponential moving average of the
     # weights (and batch-norm statistics), updated after every step with this decay; 0: the
-    # live weights. 0.999 remembers about 1,000 steps (5 epochs of the full data at batch 32).
-    ema_decay: float = Field(0.0, ge=0, lt=1)
-    deterministic: bool = False
-    # mixed_bfloat16: layers compute in bfloat16, weights stay float32. Layers ran 1.2-1.5x
-    # faster on the Intel machine's AMX/AVX512-BF16 cores, but whole epochs (augmentation shares
-    # the cores) only 1.06x, for no better scores (README, "Results"); on a CPU without
-    # bfloat16 units it is emulated, so slower.
-    precision: Literal["float32", "mixed_bfloat16"] = "float32"
+    # live weights. A decay d averages over about 1 / (1 - d) steps.
+    ema_decay: float = Field(ge=0, lt=1)
+    deterministic: bool
+    # mixed_bfloat16: layers compute in bfloat16, weights stay float32. It pays only on CPUs
+    # with bfloat16 units (AMX/AVX512-BF16), where augmentation still shares the cores; on
+    # others it is emulated, so slower. Measurements: docs/results.md.
+    precision: Literal["float32", "mixed_bfloat16"]
 
 
 class EvaluateConfig(_Section):
     """How trained models are scored (and, since it travels with the registered model, served)."""
 
-    tta: bool = True  # average the image and its 3 mirror images (see lesionml.inference.predict_proba)
-    bootstrap: int = Field(1000, ge=100, le=100_000)  # lesion resamples for the 95% intervals
+    tta: bool  # average the image and its 3 mirror images (see lesionml.inference.predict_proba)
+    bootstrap: int = Field(ge=100, le=100_000)  # lesion resamples for the 95% intervals
     # Divide prior**tau out of the decisions, tau tuned on val (see evaluation.tune_prior_correction):
     # the operating point between accuracy and balanced accuracy. With `min_balanced_accuracy`
-    # null, tau maximizes val balanced accuracy (on the full data +0.015 test balanced accuracy for
-    # -0.085 accuracy, before temperature scaling existed); with a floor, tau maximizes val
-    # accuracy while val balanced accuracy stays at or above it (README, "Prior correction"). The
-    # floor, like lr_patience for the plateau schedule, is read only when its rule is on.
-    prior_correction: bool = True
-    min_balanced_accuracy: float | None = Field(0.65, ge=0, le=1)
+    # null, tau maximizes val balanced accuracy; with a floor, tau maximizes val accuracy while
+    # val balanced accuracy stays at or above it (docs/evaluation.md). The floor, like
+    # lr_patience for the plateau schedule, is read only when its rule is on; null is a choice,
+    # so it is stated, not defaulted.
+    prior_correction: bool
+    min_balanced_accuracy: float | None = Field(ge=0, le=1)
     # Fit one temperature on val so served probabilities match how often they are right (see
     # evaluation.fit_temperature). It changes no decision by itself; a prior correction is
     # tuned after it, on the tempered probabilities.
-    temperature_scaling: bool = True
+    temperature_scaling: bool
+    # prior_correction: the rule above. melanoma_sensitivity: that rule, then an offset on the
+    # melanoma log-probability, the smallest giving val melanoma sensitivity >= the target (see
+    # evaluation.melanoma_operating_point); the target is read only under that operating point.
+    operating_point: Literal["prior_correction", "melanoma_sensitivity"]
+    mel_sensitivity_target: float = Field(gt=0, le=1)
 
 
 class TrackingConfig(_Section):
-    uri: str = "sqlite:///mlruns.db"
-    artifacts: Path = Path("mlartifacts")
-    experiment: str = Field("lesionml", min_length=1)
+    uri: str
+    artifacts: Path
+    experiment: str = Field(min_length=1)
 
 
 class RegistryConfig(_Section):
     """Champion/challenger rule: promote only on a win larger than the test-set noise."""
 
-    model_name: str = Field("lesionml", min_length=1)
-    promotion_metric: Literal["balanced_accuracy", "accuracy", "macro_f1"] = "balanced_accuracy"
-    alpha: float = Field(0.05, gt=0, lt=1)  # one-sided paired-bootstrap significance level
-    bootstrap: int = Field(1000, ge=100, le=100_000)  # resamples of test lesions
+    model_name: str = Field(min_length=1)
+    promotion_metric: Literal["balanced_accuracy", "accuracy", "macro_f1"]
+    alpha: float = Field(gt=0, lt=1)  # one-sided paired-bootstrap significance level
+    bootstrap: int = Field(ge=100, le=100_000)  # resamples of test lesions
 
 
 class ScheduleConfig(_Section):
     """When `lesionml schedule` retrains: a 5-field cron expression in `timezone`."""
 
-    cron: str = Field("0 3 * * 1", pattern=r"^\s*\S+(\s+\S+){4}\s*$")  # Mondays 03:00
-    timezone: str = Field("UTC", min_length=1)
+    cron: str = Field(pattern=r"^\s*\S+(\s+\S+){4}\s*$")
+    timezone: str = Field(min_length=1)
 
 
 class Params(_Section):
-    data: DataConfig = DataConfig()
-    split: SplitConfig = SplitConfig()
-    augment: AugmentConfig = AugmentConfig()
-    models: ModelsConfig = ModelsConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    registry: RegistryConfig = RegistryConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
+    data: DataConfig
+    split: SplitConfig
+    augment: AugmentConfig
+    models: ModelsConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+    registry: RegistryConfig
+    schedule: ScheduleConfig
 
     def resolve_paths(self, root: Path) -> Params:
         """Anchor relative paths at the folder of params.yaml, so commands work from any cwd."""
@@ -276,21 +288,19 @@ class Params(_Section):
 
     def flat(self) -> dict[str, Any]:
         """Every param as `section.key` -> value: how MLflow and DVC show them."""
-        out: dict[str, Any] = {}
-
-        def walk(prefix: str, node: Any) -> None:
-            if isinstance(node, dict):
-                for k, v in node.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v)
-            else:
-                out[prefix] = node
-
-        walk("", self.model_dump(mode="json"))
-        return out
+        return flatten(self.model_dump(mode="json"))
 
     def section(self, name: str) -> dict[str, Any]:
-        """A section as plain JSON-able data: what tasks hash into their cache keys."""
+        """A section as plain JSON-able data."""
         return getattr(self, name).model_dump(mode="json")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as `section.key` -> leaf value."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -321,6 +331,10 @@ def _format_error(origin: str, exc: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{where}'"
+    if err["type"] == "missing":
+        missing = [e for e in exc.errors() if e["type"] == "missing"]
+        more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        return f"{origin}: {where}: missing{more}"
     msg = err["msg"].removeprefix("Value error, ")
     # A whole section as input means a check across its keys, whose message names the values.
     got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
@@ -343,7 +357,7 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | tuple[s
         raise ConfigError(f"{path}: not valid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    # A section whose keys are all commented out parses as None: it means "all defaults".
+    # A section whose keys are all commented out parses as None: its keys are then named as missing.
     tree = {k: ({} if v is None else v) for k, v in tree.items()}
     for item in overrides:
         _set_dotted(tree, *parse_override(item))

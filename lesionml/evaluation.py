@@ -17,6 +17,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from lesionml.data.metadata import CLASSES
+from lesionml.errors import LesionMLError
 from lesionml.inference import adjust_probabilities, log_probabilities
 
 MELANOMA = CLASSES.index("mel")
@@ -65,7 +66,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
 def fit_temperature(y_val: np.ndarray, proba_val: np.ndarray) -> float:
     """The temperature T whose softmax(log p / T) has the lowest validation log loss.
 
-    Label smoothing trains a model to answer 0.91 where it is sure, and class weights
+    Label smoothing trains a model to stop short of 1 where it is sure, and class weights
     inflate the rare classes, so raw probabilities say less about how often the model is
     right than a user reading them as risks would assume. One scalar fitted on validation
     (Guo et al., ICML 2017) repairs most of that and cannot change an argmax: the same T
@@ -112,11 +113,10 @@ def tune_prior_correction(
       otherwise as often right as possible). Where no tau reaches it, tau = 0, plain argmax,
       and the third return value says the floor was missed: a model that cannot meet the
       requirement keeps its own decisions rather than buying a little balanced accuracy with
-      much accuracy (the full data's CNN+LSTM: +0.008 test balanced accuracy for -0.151
-      accuracy, below always answering nv).
+      much accuracy (docs/evaluation.md; what it did on the full data: docs/results.md).
 
-    One scalar from `PRIOR_TAUS` (ties: the smaller |tau|) is little to overfit with 1,300
-    validation images; tau = 0 is plain argmax. Returns tau, the log-offsets
+    One scalar from `PRIOR_TAUS` (ties: the smaller |tau|) is little to overfit with the
+    full copy's validation split; tau = 0 is plain argmax. Returns tau, the log-offsets
     (-tau * log prior) to add at serving, and whether the floor was met (True without one).
     """
     log_prior = np.log(np.clip(np.asarray(train_prior, dtype=np.float64), 1e-12, None))
@@ -136,6 +136,75 @@ def tune_prior_correction(
         best = int(np.argmax(np.where(allowed, accuracy, -1.0))) if floor_met else 0  # PRIOR_TAUS[0] is 0
     tau = float(PRIOR_TAUS[best])
     return tau, -tau * log_prior, floor_met
+
+
+def tune_melanoma_offset(y_val: np.ndarray, proba_val: np.ndarray, target: float) -> float:
+    """The offset on melanoma's log-probability giving validation melanoma sensitivity >= `target`
+    with the fewest other images called melanoma: a threshold on one score, chosen on validation.
+
+    An image is called melanoma once the offset exceeds how far its melanoma log-probability
+    is below its best other class. The offset is the smallest that calls enough validation
+    melanomas, moved halfway to the next image that would flip: every offset in that gap makes
+    the same validation decisions, and the middle is the farthest from both. It may be
+    negative: a model that already finds more melanomas than asked calls fewer, for specificity.
+    """
+    if not (y_val == MELANOMA).any():
+        raise LesionMLError(
+            "evaluate.operating_point melanoma_sensitivity: the validation split has no melanoma "
+            "to choose the melanoma threshold on"
+        )
+    logp = log_probabilities(proba_val)
+    need = np.delete(logp, MELANOMA, axis=1).max(axis=1) - logp[:, MELANOMA]
+    melanomas = np.sort(need[y_val == MELANOMA])
+    threshold = melanomas[int(np.ceil(target * len(melanomas) - 1e-9)) - 1]
+    beyond = need[need > threshold]
+    return float((threshold + beyond.min()) / 2 if len(beyond) else threshold + 1.0)
+
+
+def paired_changes(
+    y_true: np.ndarray, pred_new: np.ndarray, pred_old: np.ndarray, lesions: np.ndarray, n: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """new - old of each headline decision metric: observed and its paired lesion-bootstrap 95% interval.
+
+    Paired like `paired_bootstrap`: both decisions are scored on the same resampled lesions,
+    so the interval is that of the change itself, narrower than the two metrics' own intervals.
+    """
+    weights = np.vstack([np.ones((1, len(y_true))), lesion_resample_weights(lesions, n, seed)])
+    new, old = (_scores(_confusions(y_true, p, weights)) for p in (pred_new, pred_old))
+    out = {}
+    for metric in new:
+        delta = new[metric] - old[metric]
+        resampled = delta[1:][~np.isnan(delta[1:])]
+        out[metric] = {
+            "change": float(delta[0]),
+            "ci95": (float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))),
+        }
+    return out
+
+
+def melanoma_operating_point(
+    y: dict[str, np.ndarray], proba: dict[str, np.ndarray], test_lesions: np.ndarray, target: float, n: int = 1000
+) -> dict[str, Any]:
+    """The melanoma-sensitivity operating point on top of a base rule, and what it costs.
+
+    `proba` holds each split's probabilities under the base rule (tempered, prior-corrected).
+    The offset is chosen on val only (`tune_melanoma_offset`); the record keeps the base
+    rule's decision metrics on both splits and, on test, the paired change of each metric with
+    its lesion-bootstrap interval: the melanomas gained and the accuracy and specificity paid.
+    """
+    offset = tune_melanoma_offset(y["val"], proba["val"], target)
+    shift = np.zeros(len(CLASSES))
+    shift[MELANOMA] = offset
+    pred = {s: adjust_probabilities(p, offsets=shift).argmax(axis=1) for s, p in proba.items()}
+    keys = ("accuracy", "balanced_accuracy", "mel_sensitivity", "mel_specificity")
+    base = {s: {k: classification_metrics(y[s], p)[k] for k in keys} for s, p in proba.items()}
+    change = paired_changes(y["test"], pred["test"], proba["test"].argmax(axis=1), test_lesions, n)
+    return {
+        "melanoma_offset": offset,
+        "mel_sensitivity_target": target,
+        "base": base,
+        "test_change": {k: change[k] for k in keys},
+    }
 
 
 def predictions_table(rows: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
@@ -171,7 +240,8 @@ def lesion_resample_weights(lesions: np.ndarray, n: int, seed: int) -> np.ndarra
     Resample r draws as many lesions as there are, with replacement; an image counts as
     often as its lesion was drawn. Metrics of a resample are then weighted sums, which is
     what lets every bootstrap below run as a few matrix products instead of a scikit-learn
-    call per resample (13x faster, same numbers: integer weights are repeated images).
+    call per resample (much faster, same numbers: integer weights are repeated images;
+    docs/benchmarks.md).
     """
     rng = np.random.default_rng(seed)
     _, groups = np.unique(lesions, return_inverse=True)
@@ -190,8 +260,9 @@ def _confusions(y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray) -> 
 
 
 def _scores(conf: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-resample accuracy, balanced accuracy, macro-F1 (all 7 classes, 0 where undefined)
-    and melanoma sensitivity (NaN where a resample has no melanoma), as scikit-learn defines them."""
+    """Per-resample accuracy, balanced accuracy, macro-F1 (all 7 classes, 0 where undefined),
+    melanoma sensitivity (NaN where a resample has no melanoma) and specificity (NaN where it has
+    nothing else), as scikit-learn defines them."""
     tp = np.diagonal(conf, axis1=1, axis2=2)
     support, predicted = conf.sum(axis=2), conf.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -202,6 +273,9 @@ def _scores(conf: np.ndarray) -> dict[str, np.ndarray]:
             "balanced_accuracy": np.nanmean(recall, axis=1),  # over the classes present
             "macro_f1": f1.mean(axis=1),
             "mel_sensitivity": recall[:, MELANOMA],
+            # melanoma vs rest: the share of non-melanomas not called melanoma
+            "mel_specificity": 1
+            - (predicted[:, MELANOMA] - tp[:, MELANOMA]) / (conf.sum(axis=(1, 2)) - support[:, MELANOMA]),
         }
 
 

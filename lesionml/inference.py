@@ -119,6 +119,26 @@ def adjust_probabilities(
     return adjusted / adjusted.sum(axis=1, keepdims=True)
 
 
+def decode_items(
+    items: Sequence[tuple[str, bytes | None]], size: tuple[int, int]
+) -> tuple[np.ndarray, list[int], dict[int, str]]:
+    """(name, bytes) pairs -> the decoded images (N, H, W, 3) at `size`, the indices of the items
+    they are, and an error per item that could not be read or decoded."""
+    arrays: list[np.ndarray] = []
+    ok: list[int] = []
+    errors: dict[int, str] = {}
+    for k, (name, data) in enumerate(items):
+        if data is None:
+            errors[k] = f"{name}: cannot read file"
+            continue
+        try:
+            arrays.append(decode_image(data, tuple(size), MAX_PIXELS, name))
+            ok.append(k)
+        except DataError as exc:
+            errors[k] = str(exc)
+    return (np.stack(arrays) if arrays else np.empty((0, *size, 3), np.uint8)), ok, errors
+
+
 def predict_images(
     model: keras.Model,
     items: Sequence[tuple[str, bytes | None]],
@@ -128,21 +148,12 @@ def predict_images(
     offsets: Sequence[float] | None = None,
 ) -> list[Prediction]:
     """(name, bytes) pairs -> one Prediction each, in order; bytes=None means unreadable."""
-    height, width = model.input_shape[1:3]
     results = [Prediction(source=name) for name, _ in items]
-    arrays: list[np.ndarray] = []
-    ok: list[int] = []
-    for k, (name, data) in enumerate(items):
-        if data is None:
-            results[k].error = f"{name}: cannot read file"
-            continue
-        try:
-            arrays.append(decode_image(data, (height, width), MAX_PIXELS, name))
-            ok.append(k)
-        except DataError as exc:
-            results[k].error = str(exc)
+    arrays, ok, errors = decode_items(items, model.input_shape[1:3])
+    for k, error in errors.items():
+        results[k].error = error
     if ok:
-        proba = adjust_probabilities(predict_proba(model, np.stack(arrays), tta, batch_size), temperature, offsets)
+        proba = adjust_probabilities(predict_proba(model, arrays, tta, batch_size), temperature, offsets)
         for k, p in zip(ok, proba, strict=True):
             results[k].predicted = CLASSES[int(p.argmax())]
             results[k].probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p, strict=True)}

@@ -52,6 +52,24 @@ def render(
             f"the scaling alone changes no decision): test expected calibration error "
             f"{decision['raw_ece']['test']:.3f} before, {test['ece']:.3f} after."
         )
+    if decision.get("operating_point") == "melanoma_sensitivity":
+        change = decision["test_change"]
+
+        def moved(key: str) -> str:
+            lo, hi = change[key]["ci95"]
+            return f"{change[key]['change']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f})"
+
+        rule += (
+            f" **Operating point: melanoma sensitivity.** On top of that, melanoma's log-probability gets the "
+            f"offset {decision['melanoma_offset']:+.3f}, the smallest giving validation melanoma sensitivity >= "
+            f"{decision['mel_sensitivity_target']:.2f}. On test it reaches melanoma sensitivity "
+            f"{_ci(test, 'mel_sensitivity')} and specificity (melanoma vs rest) {_ci(test, 'mel_specificity')}; "
+            f"against the same rule without the offset, paired over the same resampled lesions: melanoma "
+            f"sensitivity {moved('mel_sensitivity')}, specificity {moved('mel_specificity')}, accuracy "
+            f"{moved('accuracy')}, balanced accuracy {moved('balanced_accuracy')}."
+        )
+    if "rule" in decision:
+        rule += f"\n\nThe served model applies: {decision['rule']}."
     return f"""# Model card: {name} version {version} ({summary["model"]})
 
 ## What it is

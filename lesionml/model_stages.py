@@ -1,22 +1,26 @@
-"""The model stages as file-to-file functions: train one model, evaluate one model.
+"""The model stages as file-to-file functions: train one model, evaluate one model, and
+prepare and decide a registration.
 
-Tracking is optional (`run_id=None` logs nothing), so the stages run and test without
-an MLflow store; with a run id they log everything a person needs to judge the run.
+The stages compute and return what they did (TrainResult, EvalResult, Registration,
+RegisterResult); they never talk to MLflow. lesionml/tracking.py logs those results and
+owns the registry, so the promotion rule here is a pure function of predictions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from lesionml import model_card, plots, tracking
-from lesionml.config import EvaluateConfig, Params
-from lesionml.data.metadata import CLASS_NAMES, CLASSES
+from lesionml import explain, model_card, plots
+from lesionml.config import EvaluateConfig, Params, RegistryConfig
+from lesionml.data.metadata import CLASSES
 from lesionml.data.source import ImageReader
 from lesionml.data.stages import load_split_images, read_csv, read_stats, write_csv
 from lesionml.evaluation import (
@@ -24,6 +28,7 @@ from lesionml.evaluation import (
     expected_calibration_error,
     fit_temperature,
     lesion_bootstrap,
+    melanoma_operating_point,
     paired_bootstrap,
     predictions_table,
     tune_prior_correction,
@@ -31,13 +36,36 @@ from lesionml.evaluation import (
 from lesionml.inference import adjust_probabilities, predict_proba
 from lesionml.io import Artifact, write_json, write_text
 from lesionml.models import build_model
-from lesionml.provenance import params_digest
-from lesionml.training import fit, seed_everything
+from lesionml.provenance import model_identity, params_digest
+from lesionml.training import EpochHook, fit, seed_everything
 from lesionml.workspace import Workspace
+
+if TYPE_CHECKING:
+    import keras
 
 
 def _labels(rows: pd.DataFrame) -> np.ndarray:
-    return rows.dx.map({c: i for i, c in enumerate(CLASSES)}).to_numpy(dtype=np.int64)
+    return class_indices(rows.dx)
+
+
+def class_indices(names) -> np.ndarray:
+    """Class names (dx codes) -> their indices in CLASSES."""
+    return pd.Series(names).map({c: i for i, c in enumerate(CLASSES)}).to_numpy(dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training produced: the model and the settings it was trained with, what it
+    measured, and the files it wrote (the stage's outputs and the training record)."""
+
+    name: str
+    params: Params  # the project's params with this model's own train settings applied
+    summary: dict  # what summary.json holds
+    model: keras.Model
+    example: np.ndarray  # two validation images: the input example of the logged model
+    normalization: dict
+    record: tuple[Path, ...]  # curves, history and summary: what a person reads about this training
+    artifacts: dict[str, Artifact]
 
 
 def train(
@@ -47,27 +75,35 @@ def train(
     stats: Artifact,
     ws: Workspace,
     params: Params,
-    run: tracking.RunContext | None = None,
-) -> dict[str, Artifact]:
+    run_id: str | None = None,
+    on_epoch: EpochHook | None = None,
+    on_trained: Callable[[TrainResult], None] | None = None,
+) -> TrainResult:
     """Train model `name` on the train split, choosing the best epoch on validation.
 
-    With `run`, a nested MLflow run is opened for this model and closed (FAILED if
-    training raises); its id is recorded in summary.json for the evaluate stage.
+    `run_id` (the tracking run this training belongs to) is only recorded in summary.json,
+    so the evaluate stage can report to the same run. `on_trained` sees the result while the
+    resumable state is still on disk: if it fails (the tracking store went away while the
+    result was being logged), the next attempt resumes after the last epoch instead of
+    training again from scratch.
     """
-    run_id = tracking.start_run(run.experiment_id, name, run.tags, run.parent_run_id) if run else None
-    try:
-        return _train(name, images, split, stats, ws, params, run_id)
-    except BaseException as exc:
-        # Not when the store just stopped answering: that would only wait out its retries
-        # again and then report end_run instead of the call that actually failed.
-        if run_id and not isinstance(exc, tracking.TrackingUnavailable):
-            tracking.end_run(run_id, ok=False)
-        raise
+    result = _train(name, images, split, stats, ws, params, run_id, on_epoch)
+    if on_trained:
+        on_trained(result)
+    shutil.rmtree(ws.model_dir(name) / ".work", ignore_errors=True)
+    return result
 
 
 def _train(
-    name: str, images: Artifact, split: Artifact, stats: Artifact, ws: Workspace, params: Params, run_id: str | None
-) -> dict[str, Artifact]:
+    name: str,
+    images: Artifact,
+    split: Artifact,
+    stats: Artifact,
+    ws: Workspace,
+    params: Params,
+    run_id: str | None,
+    on_epoch: EpochHook | None,
+) -> TrainResult:
     train_cfg = params.train_for(name)
     seed_everything(train_cfg.seed, train_cfg.deterministic)
     (train_x, train_rows), (val_x, val_rows) = load_split_images(images, split, "train", "val")
@@ -75,24 +111,9 @@ def _train(
     image_size = (int(train_x.shape[1]), int(train_x.shape[2]))
     model_cfg = getattr(params.models, name)
     model = build_model(name, model_cfg, image_size, norm, len(CLASSES), train_cfg.precision)
-    # Resumable state lives in a folder keyed by everything that defines the training run.
-    key = hashlib.sha256(
-        json.dumps(
-            [
-                name,
-                images.sha256,
-                split.sha256,
-                stats.sha256,
-                model_cfg.model_dump(mode="json"),
-                train_cfg.model_dump(mode="json"),
-                params.section("augment"),
-            ],
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
+    # Resumable state lives in a folder keyed by everything that defines the trained model.
     out = ws.model_dir(name)
-    workdir = out / ".work" / key
-    hooks = [lambda epoch, m: tracking.log_metrics(run_id, m, step=epoch)] if run_id else []
+    workdir = out / ".work" / model_identity(name, params, images.sha256, split.sha256, stats.sha256)
     print(
         f"training {name}: {len(train_x)} train / {len(val_x)} val images of {image_size[0]}x{image_size[1]}, "
         f"{model.count_params():,} parameters, up to {train_cfg.epochs} epochs"
@@ -106,7 +127,7 @@ def _train(
         ws.model_file(name),
         augment=params.augment,
         n_classes=len(CLASSES),
-        epoch_hooks=hooks,
+        epoch_hooks=[on_epoch] if on_epoch else [],
     )
     history = pd.read_csv(result.history_path)
     write_csv(out / "history.csv", history)
@@ -125,32 +146,33 @@ def _train(
         "train_images_per_second": round(result.train_images_per_second, 1),
     }
     write_json(out / "summary.json", summary)
-    if run_id:
-        # The train settings this model actually used. No `evaluate` params: a cached model is
-        # re-evaluated in this same run, and a param cannot change; evaluation sets tags instead.
-        extra = {"model.name": name, "model.parameters": summary["parameters"]}
-        tracking.log_params(run_id, params.model_copy(update={"train": train_cfg}), extra, skip=("evaluate",))
-        tracking.log_metrics(
-            run_id,
-            {
-                k: v
-                for k, v in summary.items()
-                if k in ("epochs_run", "best_epoch", "train_seconds", "train_images_per_second")
-            },
-        )
-        tracking.log_text(run_id, tracking.model_summary(model), "model_summary.txt")
-        tracking.log_dict(run_id, norm.to_dict(), "preprocessing/normalization_stats.json")
-        tracking.log_dict(run_id, {"classes": list(CLASSES), "names": CLASS_NAMES}, "preprocessing/classes.json")
-        for f in ("curves.png", "history.csv", "summary.json"):
-            tracking.log_artifact(run_id, out / f, "training")
-        tracking.log_keras_model(run_id, model, val_x[:2].astype(np.float32))
-        tracking.end_run(run_id)
-    shutil.rmtree(out / ".work", ignore_errors=True)
-    return {
-        "model": Artifact.of(ws.model_file(name)),
-        "history": Artifact.of(out / "history.csv"),
-        "summary": Artifact.of(out / "summary.json"),
-    }
+    return TrainResult(
+        name=name,
+        params=params.model_copy(update={"train": train_cfg}),
+        summary=summary,
+        model=model,
+        example=val_x[:2].astype(np.float32),
+        normalization=norm.to_dict(),
+        record=(out / "curves.png", out / "history.csv", out / "summary.json"),
+        artifacts={
+            "model": Artifact.of(ws.model_file(name)),
+            "history": Artifact.of(out / "history.csv"),
+            "summary": Artifact.of(out / "summary.json"),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What evaluating one model measured and wrote, and the run it was trained in (None: untracked)."""
+
+    name: str
+    run_id: str | None
+    settings: EvaluateConfig
+    metrics: dict  # per split, as metrics.json holds them beside the decision rule
+    decision: dict
+    record: tuple[Path, ...]  # metrics.json, predictions.csv and the figures
+    artifacts: dict[str, Artifact]
 
 
 def evaluate(
@@ -161,7 +183,7 @@ def evaluate(
     split: Artifact,
     ws: Workspace,
     cfg: EvaluateConfig,
-) -> dict[str, Artifact]:
+) -> EvalResult:
     """Metrics and predictions of one trained model on the validation and test splits."""
     import keras
 
@@ -204,6 +226,7 @@ def evaluate(
             out / f"{which}_mistakes.png",
         )
         figures += [f"{which}_{kind}.png" for kind in ("confusion", "roc", "reliability", "mistakes")]
+        figures += explain.evaluation_figures(model, x, y, proba, label, which, out)  # Grad-CAM
     if cfg.temperature_scaling:
         print(
             f"temperature scaling: T {decision['temperature']:.3f} (fitted on val log loss; val ECE "
@@ -212,29 +235,16 @@ def evaluate(
         )
     write_json(out / "metrics.json", {**metrics, "decision": decision})
     write_csv(out / "predictions.csv", pd.concat(tables, ignore_index=True))
-    run_id = json.loads(Path(summary.path).read_text()).get("run_id")
-    if run_id:
-        # eval_ prefix: Keras already logs per-epoch val_loss/val_accuracy curves under those names.
-        flat = {f"eval_{s}_{k}": v for s, m in metrics.items() for k, v in m.items() if isinstance(v, float)}
-        for c, m in metrics["test"]["per_class"].items():
-            flat.update({f"eval_test_{k}_{c}": m[k] for k in ("recall", "roc_auc") if k in m})
-        flat.update(
-            {
-                f"eval_{s}_{k}_ci95_{end}": v
-                for s, m in metrics.items()
-                for k, ci in m["ci95"].items()
-                for end, v in zip(("low", "high"), ci, strict=True)
-            }
-        )
-        flat["eval_prior_tau"] = decision["tau"]
-        flat["eval_temperature"] = decision["temperature"]
-        flat.update({f"eval_{s}_ece_raw": v for s, v in decision["raw_ece"].items()})
-        flat.update({f"eval_{s}_{k}_argmax": v for s, m in decision.get("argmax", {}).items() for k, v in m.items()})
-        tracking.log_metrics(run_id, flat)
-        tracking.set_tags(run_id, {f"evaluate.{k}": str(v).lower() for k, v in cfg.model_dump(mode="json").items()})
-        for f in ("metrics.json", "predictions.csv", *figures):
-            tracking.log_artifact(run_id, out / f, "evaluation")
-    return {"metrics": Artifact.of(out / "metrics.json"), "predictions": Artifact.of(out / "predictions.csv")}
+    return EvalResult(
+        name=name,
+        # A cached model re-evaluated (other evaluation settings) reports to the run it was trained in.
+        run_id=json.loads(Path(summary.path).read_text()).get("run_id"),
+        settings=cfg,
+        metrics=metrics,
+        decision=decision,
+        record=tuple(out / f for f in ("metrics.json", "predictions.csv", *figures)),
+        artifacts={"metrics": Artifact.of(out / "metrics.json"), "predictions": Artifact.of(out / "predictions.csv")},
+    )
 
 
 def _decision_rule(
@@ -251,7 +261,8 @@ def _decision_rule(
     raw_ece = {which: expected_calibration_error(labels[which], p) for which, p in raw.items()}
     rule = {"temperature": temperature, "raw_ece": raw_ece}
     if not cfg.prior_correction:
-        return {**rule, "prior_correction": False, "tau": 0.0, "offsets": None}
+        rule = {**rule, "prior_correction": False, "tau": 0.0, "offsets": None, "rule": "the most probable class"}
+        return _operating_point(cfg, split_rows, labels, raw, rule)
     prior = split_rows[split_rows.split == "train"].dx.value_counts(normalize=True).reindex(CLASSES, fill_value=0)
     floor = cfg.min_balanced_accuracy
     tau, offsets, floor_met = tune_prior_correction(
@@ -267,7 +278,7 @@ def _decision_rule(
         f"{argmax['val']['accuracy']:.3f}, balanced accuracy {argmax['val']['balanced_accuracy']:.3f})",
         flush=True,
     )
-    return {
+    rule = {
         **rule,
         "prior_correction": True,
         "tau": tau,
@@ -277,6 +288,40 @@ def _decision_rule(
         "objective": objective,
         "train_prior": {c: round(float(v), 6) for c, v in prior.items()},
         "argmax": argmax,
+        "rule": f"prior correction tau {tau:.2f}, {objective}",
+    }
+    return _operating_point(cfg, split_rows, labels, raw, rule)
+
+
+def _operating_point(
+    cfg: EvaluateConfig, split_rows: pd.DataFrame, labels: dict[str, np.ndarray], raw: dict[str, np.ndarray], rule: dict
+) -> dict:
+    """`rule` as it is, or with the melanoma-sensitivity operating point added on top of it.
+
+    `rule["rule"]` says in words what the served model applies: the model card, the registered
+    version's tags and the served model's config carry that sentence.
+    """
+    if cfg.operating_point != "melanoma_sensitivity":
+        return {**rule, "operating_point": cfg.operating_point}
+    base = {which: adjust_probabilities(p, rule["temperature"], rule["offsets"]) for which, p in raw.items()}
+    test_lesions = split_rows[split_rows.split == "test"].lesion_id.to_numpy()  # the order load_split_images keeps
+    point = melanoma_operating_point(labels, base, test_lesions, cfg.mel_sensitivity_target, cfg.bootstrap)
+    offsets = np.zeros(len(CLASSES)) if rule["offsets"] is None else np.array(rule["offsets"])
+    offsets[CLASSES.index("mel")] += point["melanoma_offset"]
+    change = point["test_change"]
+    print(
+        f"melanoma operating point: offset {point['melanoma_offset']:+.3f} for val melanoma sensitivity >= "
+        f"{cfg.mel_sensitivity_target:.2f}; on test, melanoma sensitivity {change['mel_sensitivity']['change']:+.3f}, "
+        f"specificity {change['mel_specificity']['change']:+.3f}, accuracy {change['accuracy']['change']:+.3f}",
+        flush=True,
+    )
+    return {
+        **rule,
+        **point,
+        "operating_point": "melanoma_sensitivity",
+        "offsets": [round(float(o), 6) for o in offsets],
+        "rule": f"{rule['rule']}; then melanoma log-probability offset {point['melanoma_offset']:+.3f}, "
+        f"chosen for validation melanoma sensitivity >= {cfg.mel_sensitivity_target:.2f}",
     }
 
 
@@ -290,55 +335,86 @@ def _objective(floor: float | None, floor_met: bool) -> str:
     return f"no tau reached validation balanced accuracy {floor:.2f}, so plain argmax"
 
 
-def register(
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated model offered to the registry: what its version is made of and tagged with."""
+
+    name: str
+    run_id: str
+    model_file: Path
+    summary: dict
+    metrics: dict  # metrics.json: per split, and the decision rule the served model applies
+    facts: dict[str, str]  # what the model is: architecture, run, commit, params hash, data
+    tags: dict[str, str]  # the version's tags: the facts and the headline test metrics
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """The test split as the champion decision sees it, images in their encoded form: the
+    registered models take what a user would send them."""
+
+    image_ids: list[str]
+    labels: np.ndarray
+    lesion_ids: np.ndarray
+    images: list[bytes]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Everything the register stage decides on, read from the evaluated artifacts."""
+
+    candidates: dict[str, Candidate]
+    challenger: str  # the best model on the *validation* promotion metric; test is kept for the decision
+    predicted: np.ndarray  # the challenger's class (index) for each test image, as it was evaluated
+    test: TestSet
+    release: dict
+    split_table: str  # images per class and split, for the model cards
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A registered version and its predicted class (index) for every test image."""
+
+    version: str
+    predicted: np.ndarray
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    decision: dict  # what decision.json holds
+    cards: dict[str, Path]  # model name -> its model card, the version's description
+    artifacts: dict[str, Artifact]
+
+
+def registration(
     models: dict[str, dict[str, Artifact]],
     manifest: Artifact,
     release: Artifact,
     split: Artifact,
-    ws: Workspace,
     params: Params,
     git_commit: str,
-) -> dict[str, Artifact]:
-    """Register every evaluated model; move `challenger`, and `champion` only on evidence.
-
-    `models[name]` holds that model's `model`, `summary`, `metrics` and `predictions`.
-    The run's challenger is its best model on the *validation* promotion metric (test is
-    kept for the champion decision). It replaces the champion only if it beats it on the
-    same test images by more than chance (one-sided paired lesion bootstrap at
-    `registry.alpha`). Moving `champion` is the very last action, so a run that fails
-    before it never changes who is champion.
-    """
+) -> Registration:
+    """What to register: every evaluated model (`models[name]` holds its `model`, `summary`,
+    `metrics` and `predictions`), the run's challenger, and the test images to judge it on."""
     reg = params.registry
-    out = ws.root / "register"
     rel = json.loads(Path(release.path).read_text())
     split_rows = read_csv(split)
-    table = split_rows.groupby(["dx", "split"]).size().unstack(fill_value=0).to_string()
     locations = read_csv(manifest).set_index("image_id")[["file", "member"]]
     test_rows = split_rows[split_rows.split == "test"].reset_index(drop=True)
     with ImageReader() as reader:
         test_bytes = [reader.read(*locations.loc[i]) for i in test_rows.image_id]
     params_hash = params_digest(params)
-
-    versions: dict[str, str] = {}
-    val_scores: dict[str, float] = {}
+    candidates: dict[str, Candidate] = {}
     for name, arts in models.items():
         summary = json.loads(Path(arts["summary"].path).read_text())
         metrics = json.loads(Path(arts["metrics"].path).read_text())
-        val_scores[name] = metrics["val"][reg.promotion_metric]
-        uri = tracking.log_classifier(
-            summary["run_id"],
-            Path(arts["model"].path),
-            test_bytes[0],
-            params.evaluate.tta,
-            metrics["decision"]["temperature"],
-            metrics["decision"]["offsets"],
-        )
         facts = {
             "architecture": name,
             "MLflow run": summary["run_id"],
             "git commit": git_commit,
             "params hash": params_hash,
             "data fingerprint": rel["fingerprint"],
+            "decision rule": metrics["decision"]["rule"],
         }
         tags = {
             **facts,
@@ -347,55 +423,101 @@ def register(
                 for k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_sensitivity")
             },
         }
-        version = tracking.register(uri, reg.model_name, tags)
-        card = model_card.render(
-            reg.model_name, version, summary, metrics, rel, table, facts, params.train_for(name).ema_decay
-        )
-        write_text(out / f"model_card_{name}.md", card)
-        tracking.log_artifact(summary["run_id"], out / f"model_card_{name}.md", "model_card")
-        tracking.describe_version(reg.model_name, version, card)
-        versions[name] = version
-
+        candidates[name] = Candidate(name, summary["run_id"], Path(arts["model"].path), summary, metrics, facts, tags)
+    val_scores = {name: c.metrics["val"][reg.promotion_metric] for name, c in candidates.items()}
     best = max(val_scores, key=val_scores.get)
-    tracking.set_alias(reg.model_name, "challenger", versions[best])
+    table = read_csv(models[best]["predictions"])
+    predicted = table[table.split == "test"].set_index("image_id").loc[test_rows.image_id, "predicted"]
+    return Registration(
+        candidates=candidates,
+        challenger=best,
+        predicted=class_indices(predicted),
+        test=TestSet(
+            image_ids=test_rows.image_id.tolist(),
+            labels=_labels(test_rows),
+            lesion_ids=test_rows.lesion_id.to_numpy(),
+            images=test_bytes,
+        ),
+        release=rel,
+        split_table=split_rows.groupby(["dx", "split"]).size().unstack(fill_value=0).to_string(),
+    )
+
+
+def register(
+    offer: Registration,
+    versions: dict[str, str],
+    champion: tuple[str, list[str]] | None,
+    ws: Workspace,
+    params: Params,
+) -> RegisterResult:
+    """Model cards for the registered `versions` and the champion decision (decision.json).
+
+    `champion` is the current champion's version and its predicted class for each test
+    image (None: there is none yet). The challenger replaces it only if it beats it on the
+    same test images by more than chance (`decide_promotion`).
+    """
+    reg = params.registry
+    out = ws.root / "register"
+    cards = {}
+    for name, c in offer.candidates.items():
+        card = model_card.render(
+            reg.model_name,
+            versions[name],
+            c.summary,
+            c.metrics,
+            offer.release,
+            offer.split_table,
+            c.facts,
+            params.train_for(name).ema_decay,
+        )
+        cards[name] = out / f"model_card_{name}.md"
+        write_text(cards[name], card)
+    best = offer.challenger
     decision = {
         "challenger": {"model": best, "version": versions[best]},
         "versions": versions,
-        "metric": reg.promotion_metric,
-        "alpha": reg.alpha,
-    }
-    champion = tracking.alias_version(reg.model_name, "champion")
-    if champion is None:
-        decision.update(promote=True, reason="no champion yet: the first model becomes champion")
-    else:
-        y = _labels(test_rows)
-        new = read_csv(models[best]["predictions"])
-        new = new[new.split == "test"].set_index("image_id").loc[test_rows.image_id, "predicted"]
-        old = tracking.load_pyfunc(f"models:/{reg.model_name}/{champion.version}").predict(
-            pd.DataFrame({"image": test_bytes})
-        )
-        index = {c: i for i, c in enumerate(CLASSES)}
-        delta, p = paired_bootstrap(
-            y,
-            new.map(index).to_numpy(),
-            old.predicted.map(index).to_numpy(),
-            test_rows.lesion_id.to_numpy(),
-            reg.promotion_metric,
-            reg.bootstrap,
+        **decide_promotion(
+            offer.test.labels,
+            offer.test.lesion_ids,
+            Contender(versions[best], offer.predicted),
+            None if champion is None else Contender(champion[0], class_indices(champion[1])),
+            reg,
             params.split.seed,
-        )
-        promote = delta > 0 and p < reg.alpha
-        verdict = "beats" if promote else "does not beat"
-        decision.update(
-            champion={"version": str(champion.version)},
-            delta=delta,
-            p_value=p,
-            promote=promote,
-            reason=f"challenger v{versions[best]} {verdict} champion v{champion.version} on test "
-            f"{reg.promotion_metric}: {delta:+.3f}, one-sided p={p:.3f} (alpha {reg.alpha})",
-        )
+        ),
+    }
     write_json(out / "decision.json", decision)
-    if decision["promote"]:
-        tracking.set_alias(reg.model_name, "champion", versions[best])  # last step
-    print(f"registry: {decision['reason']}")
-    return {"decision": Artifact.of(out / "decision.json")}
+    return RegisterResult(decision, cards, {"decision": Artifact.of(out / "decision.json")})
+
+
+def decide_promotion(
+    labels: np.ndarray,
+    lesion_ids: np.ndarray,
+    challenger: Contender,
+    champion: Contender | None,
+    cfg: RegistryConfig,
+    seed: int,
+) -> dict:
+    """Whether the challenger becomes champion, and why, as the decision record says it.
+
+    The first model becomes champion. After that the challenger must beat the champion on
+    the same test images by more than chance: the observed difference in
+    `cfg.promotion_metric` is positive and a one-sided paired bootstrap over lesions (so the
+    noise of which lesions happen to be in the test split cancels) gives p < `cfg.alpha`.
+    """
+    rule = {"metric": cfg.promotion_metric, "alpha": cfg.alpha}
+    if champion is None:
+        return {**rule, "promote": True, "reason": "no champion yet: the first model becomes champion"}
+    delta, p = paired_bootstrap(
+        labels, challenger.predicted, champion.predicted, lesion_ids, cfg.promotion_metric, cfg.bootstrap, seed
+    )
+    promote = delta > 0 and p < cfg.alpha
+    verdict = "beats" if promote else "does not beat"
+    return {
+        **rule,
+        "champion": {"version": str(champion.version)},
+        "delta": delta,
+        "p_value": p,
+        "promote": promote,
+        "reason": f"challenger v{challenger.version} {verdict} champion v{champion.version} on test "
+        f"{cfg.promotion_metric}: {delta:+.3f}, one-sided p={p:.3f} (alpha {cfg.alpha})",
+    }

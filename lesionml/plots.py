@@ -25,6 +25,15 @@ def save_figure(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
+def figure_grid(rows: int, cols: int, figsize: tuple[float, float]):
+    """A figure of image panels, axes off, `axes` always 2-D: the layout of every image grid."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=figsize, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    return fig, axes
+
+
 def training_curves(history: pd.DataFrame, title: str, path: Path, best_epoch: int | None = None) -> None:
     """Loss and accuracy per epoch, train vs validation (the seed notebook's plot), best epoch marked."""
     plt = _pyplot()
@@ -101,14 +110,11 @@ def reliability_diagram(y_true, proba, title: str, path: Path, bins: int = 15) -
 
 def confident_mistakes(images, true, predicted, confidence, title: str, path: Path, n: int = 16) -> None:
     """The wrong predictions the model was surest of: where to look first."""
-    plt = _pyplot()
     wrong = np.flatnonzero(np.asarray(true) != np.asarray(predicted))
     order = wrong[np.argsort(-np.asarray(confidence)[wrong])][:n]
     cols = 4
     rows = max(1, int(np.ceil(len(order) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.3), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    fig, axes = figure_grid(rows, cols, (cols * 2.6, rows * 2.3))
     for ax, i in zip(axes.ravel(), order, strict=False):
         ax.imshow(images[i])
         ax.set_title(f"true {true[i]}, said {predicted[i]} ({confidence[i]:.2f})", fontsize=7)

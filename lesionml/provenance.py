@@ -12,16 +12,39 @@ import json
 from pathlib import Path
 
 from lesionml.config import Params
+from lesionml.stage_spec import SPEED_ONLY
 
 PACKAGES = ("lesionml", "tasks", "flows")  # the code a pipeline run executes
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def params_digest(params: Params) -> str:
-    """Every param that can change a result; `data.workers` (speed only) is left out."""
+    """Every param that can change a result: all but the SPEED_ONLY ones."""
     dump = params.model_dump(mode="json")
-    dump["data"].pop("workers", None)
+    for dotted in SPEED_ONLY:
+        *sections, key = dotted.split(".")
+        node = dump
+        for section in sections:
+            node = node[section]
+        node.pop(key)
     return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_identity(name: str, params: Params, images: str, split: str, stats: str) -> str:
+    """What defines a trained model: the sha256 of its image array, split and normalization
+    stats, its architecture, the train settings it trains with (its own applied) and the
+    augmentation. The train stage's cache key and its resume folder are both this, so a
+    cached model and a resumed one answer to the same settings."""
+    identity = [
+        name,
+        images,
+        split,
+        stats,
+        getattr(params.models, name).model_dump(mode="json"),
+        params.train_for(name).model_dump(mode="json"),
+        params.section("augment"),
+    ]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def code_digest(root: Path = ROOT) -> str:

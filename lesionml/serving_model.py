@@ -7,7 +7,8 @@ are an artifact loaded with `safe_mode=True`.
 Input: a DataFrame with one row per image and a column `image` holding the image bytes
 (or base64 text of them, which is what JSON requests carry) or a column `path`.
 Output: one row per image: predicted class, its full name, the 7 probabilities (after the
-temperature and prior correction fitted at evaluation, if any), error.
+temperature and decision rule fitted at evaluation, if any: prior correction, melanoma
+operating point; `rule` in the model config names it), error.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class LesionClassifier(PythonModel):
         self.tta = bool(config.get("tta", False))
         self.temperature = float(config.get("temperature", 1.0))
         self.offsets = config.get("offsets")
+        # In words, the rule those offsets are (prior correction, melanoma operating point).
+        self.rule = config.get("rule") or "not recorded (registered before rules were named)"
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from lesionml.inference import predict_images, read_files

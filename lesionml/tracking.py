@@ -1,5 +1,8 @@
 """Everything MLflow, behind one module: the rest of the library never imports mlflow.
 
+The stages (lesionml/model_stages.py) compute and return results; the functions here log
+them (`log_training`, `log_evaluation`) and own the registry (`register_versions`,
+`champion_predictions`, `log_registration`), as Kedro's hooks do around its nodes.
 Runs are addressed by id through `MlflowClient`, not through mlflow's thread-local
 "active run", because Prefect may execute tasks on worker threads.
 Default store: a local SQLite database plus an artifact folder, so `mlflow ui` shows the
@@ -11,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
+import logging
 import math
 import os
 import re
@@ -28,6 +33,8 @@ if TYPE_CHECKING:
     import keras
     import numpy as np
     from mlflow import MlflowClient
+
+    from lesionml.model_stages import EvalResult, RegisterResult, Registration, TrainResult
 
 PARAM_VALUE_LIMIT = 500  # older MLflow servers reject longer param values
 
@@ -129,13 +136,58 @@ def _store_call(fn: Callable) -> Callable:
     return wrapper
 
 
+# What the MLflow UI calls the splits (the dataset contexts it shows and filters by).
+CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
+
+# Seconds between system metric samples (CPU, memory, disk, network) of a training run: short
+# enough that a training of a few seconds records some. MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+# overrides it (MLflow's own setting).
+SYSTEM_METRICS_INTERVAL = 2.0
+
+
+@dataclass(frozen=True)
+class SplitDataset:
+    """One split of the release as an MLflow dataset input: the UI's dataset column and lineage.
+
+    `digest` is the release fingerprint cut to the 36 characters MLflow stores, so runs on the
+    same release show the same dataset; `images` is how many of its images this split holds.
+    """
+
+    name: str
+    digest: str
+    source: str  # the release folder
+    context: str  # train, validation or test
+    images: int
+    fingerprint: str
+
+
+def release_datasets(source: Path, fingerprint: str, images: dict[str, int]) -> tuple[SplitDataset, ...]:
+    """The release's splits as dataset inputs; `images` maps each split (train/val/test) to its size.
+
+    One dataset per split, named after the release folder and the split: MLflow keeps one
+    input per (name, digest) and run, so a single dataset could not carry three contexts.
+    """
+    folder = Path(source).resolve()
+    return tuple(
+        SplitDataset(f"{folder.name}-{CONTEXTS[split]}", fingerprint[:36], str(folder), CONTEXTS[split], n, fingerprint)
+        for split, n in images.items()
+    )
+
+
 @dataclass(frozen=True)
 class RunContext:
-    """Where a stage opens its own run: the experiment, the pipeline's parent run, common tags."""
+    """Where a stage opens its own run: the experiment, the pipeline's parent run, common tags,
+    and the datasets the run uses."""
 
     experiment_id: str
     parent_run_id: str
     tags: dict[str, str]
+    datasets: tuple[SplitDataset, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunContext:
+        """Back from `dataclasses.asdict`, the form a Prefect task receives it in."""
+        return cls(**{**d, "datasets": tuple(SplitDataset(**x) for x in d.get("datasets", ()))})
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -308,11 +360,13 @@ def log_classifier(
     tta: bool,
     temperature: float = 1.0,
     offsets: list[float] | None = None,
+    rule: str = "",
 ) -> str:
     """Log the servable pyfunc (image bytes in, classes out) beside the Keras model; returns its URI.
 
-    `tta`, the fitted `temperature` and the prior-correction `offsets` travel in the model's
-    config, so the served model predicts exactly as it was evaluated.
+    `tta`, the fitted `temperature` and the decision rule's `offsets` travel in the model's
+    config, so the served model predicts exactly as it was evaluated; `rule` says in words
+    which decision rule those offsets are.
     """
     import base64
     from importlib.metadata import version
@@ -336,7 +390,7 @@ def log_classifier(
             name="classifier",
             python_model=serving_model.__file__,  # model from code: nothing pickled
             artifacts={"keras_model": str(keras_file)},
-            model_config={"tta": tta, "temperature": temperature, "offsets": offsets},
+            model_config={"tta": tta, "temperature": temperature, "offsets": offsets, "rule": rule},
             # Either column: `image` (bytes, or base64 text in JSON) or `path` (files the server can read).
             signature=ModelSignature(
                 inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]),
@@ -453,3 +507,158 @@ def last_finished_run(experiment_id: str, tag: str, value: str) -> str | None:
         max_results=1,
     )
     return None if runs.empty else str(runs.run_id.iloc[0])
+
+
+@_store_call
+def log_datasets(run_id: str, datasets: tuple[SplitDataset, ...]) -> None:
+    """The release's splits as the run's dataset inputs, each with its context tag."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [
+        DatasetInput(
+            Dataset(
+                name=d.name,
+                digest=d.digest,
+                source_type="local",  # and the source as MLflow's local dataset source writes it
+                source=json.dumps({"uri": d.source}),
+                profile=json.dumps({"release_fingerprint": d.fingerprint}),
+            ),
+            tags=[InputTag(MLFLOW_DATASET_CONTEXT, d.context), InputTag("lesionml.images", str(d.images))],
+        )
+        for d in datasets
+    ]
+    if inputs:
+        client().log_inputs(run_id, datasets=inputs)
+
+
+@contextlib.contextmanager
+def model_run(run: RunContext | None, name: str) -> Iterator[str | None]:
+    """The MLflow run of one model's training (None: untracked), open while the body runs.
+
+    The release's splits are its dataset inputs and system metrics are sampled until the body
+    ends. The run ends FINISHED when the body returns and FAILED when it raises, except when
+    the store stopped answering: closing the run would only wait out its retries again and
+    then report end_run instead of the call that actually failed.
+    """
+    if run is None:
+        yield None
+        return
+    import mlflow
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # Its start/stop lines at INFO would interleave with the training's own progress lines.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    run_id = start_run(run.experiment_id, name, run.tags, run.parent_run_id)
+    try:
+        log_datasets(run_id, run.datasets)
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=SYSTEM_METRICS_INTERVAL, tracking_uri=mlflow.get_tracking_uri()
+        )
+        monitor.start()
+        try:
+            yield run_id
+        finally:
+            monitor.finish()
+    except BaseException as exc:
+        if not isinstance(exc, TrackingUnavailable):
+            end_run(run_id, ok=False)
+        raise
+    end_run(run_id)
+
+
+def epoch_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
+    """Per-epoch training metrics (Keras' names: loss, val_loss, ...) logged at their epoch."""
+    return lambda epoch, metrics: log_metrics(run_id, metrics, step=epoch)
+
+
+TRAINING_METRICS = ("epochs_run", "best_epoch", "train_seconds", "train_images_per_second")
+
+
+def log_training(run_id: str, result: TrainResult) -> None:
+    """The trained model's params, training figures and record, and the model in Keras' flavor."""
+    from lesionml.data.metadata import CLASS_NAMES, CLASSES
+
+    # The train settings this model actually used. No `evaluate` params: a cached model is
+    # re-evaluated in this same run, and a param cannot change; evaluation sets tags instead.
+    extra = {"model.name": result.name, "model.parameters": result.summary["parameters"]}
+    log_params(run_id, result.params, extra, skip=("evaluate",))
+    log_metrics(run_id, {k: result.summary[k] for k in TRAINING_METRICS})
+    log_text(run_id, model_summary(result.model), "model_summary.txt")
+    log_dict(run_id, result.normalization, "preprocessing/normalization_stats.json")
+    log_dict(run_id, {"classes": list(CLASSES), "names": CLASS_NAMES}, "preprocessing/classes.json")
+    for f in result.record:
+        log_artifact(run_id, f, "training")
+    log_keras_model(run_id, result.model, result.example)
+
+
+def log_evaluation(result: EvalResult) -> None:
+    """Evaluation metrics, settings (as tags) and figures, in the run the model was trained in."""
+    run_id, metrics, decision = result.run_id, result.metrics, result.decision
+    if not run_id:
+        return
+    # eval_ prefix: Keras already logs per-epoch val_loss/val_accuracy curves under those names.
+    flat = {f"eval_{s}_{k}": v for s, m in metrics.items() for k, v in m.items() if isinstance(v, float)}
+    for c, m in metrics["test"]["per_class"].items():
+        flat.update({f"eval_test_{k}_{c}": m[k] for k in ("recall", "roc_auc") if k in m})
+    flat.update(
+        {
+            f"eval_{s}_{k}_ci95_{end}": v
+            for s, m in metrics.items()
+            for k, ci in m["ci95"].items()
+            for end, v in zip(("low", "high"), ci, strict=True)
+        }
+    )
+    flat["eval_prior_tau"] = decision["tau"]
+    flat["eval_temperature"] = decision["temperature"]
+    flat.update({f"eval_{s}_ece_raw": v for s, v in decision["raw_ece"].items()})
+    flat.update({f"eval_{s}_{k}_argmax": v for s, m in decision.get("argmax", {}).items() for k, v in m.items()})
+    log_metrics(run_id, flat)
+    set_tags(run_id, {f"evaluate.{k}": str(v).lower() for k, v in result.settings.model_dump(mode="json").items()})
+    for f in result.record:
+        log_artifact(run_id, f, "evaluation")
+
+
+def champion_predictions(model_name: str, images: list[bytes]) -> tuple[str, list[str]] | None:
+    """The champion's version and its predicted class for each image, served as it is
+    registered (None: no champion yet)."""
+    import pandas as pd
+
+    champion = alias_version(model_name, "champion")
+    if champion is None:
+        return None
+    answers = load_pyfunc(f"models:/{model_name}/{champion.version}").predict(pd.DataFrame({"image": images}))
+    return str(champion.version), answers.predicted.tolist()
+
+
+def register_versions(offer: Registration, model_name: str, tta: bool) -> dict[str, str]:
+    """A servable classifier in each candidate's run and a registered version of it; no alias moves.
+
+    Returns model name -> version.
+    """
+    versions = {}
+    for name, c in offer.candidates.items():
+        decision = c.metrics["decision"]
+        uri = log_classifier(
+            c.run_id,
+            c.model_file,
+            offer.test.images[0],
+            tta,
+            decision["temperature"],
+            decision["offsets"],
+            decision["rule"],
+        )
+        versions[name] = register(uri, model_name, c.tags)
+    return versions
+
+
+def log_registration(model_name: str, offer: Registration, result: RegisterResult) -> None:
+    """Model cards on the runs and as the versions' descriptions; then the aliases, `champion`
+    the very last: a run that fails before it never changes who is champion."""
+    decision = result.decision
+    for name, c in offer.candidates.items():
+        log_artifact(c.run_id, result.cards[name], "model_card")
+        describe_version(model_name, decision["versions"][name], result.cards[name].read_text(encoding="utf-8"))
+    set_alias(model_name, "challenger", decision["challenger"]["version"])
+    if decision["promote"]:
+        set_alias(model_name, "champion", decision["challenger"]["version"])

@@ -1,19 +1,20 @@
 """What every stage task shares: its cache key, its retry rule, and verified cache hits.
 
-Cache key = task name + the source of the task and of the library modules doing the work
-+ the task's inputs (upstream artifacts' sha256, the params section it reads). So changing
+Cache key = stage name + the bytes of the stage's code files and the values of its params,
+both as lesionml/stage_spec.py declares them (dvc.yaml is generated from the same
+declaration) + the content of its inputs (upstream artifacts' sha256). So changing
 `split.seed` changes the split key and everything downstream of the new split file, but
-never ingest or preprocess; editing lesionml/data/split.py re-runs split too.
+never ingest or preprocess; editing lesionml/data/split.py re-runs split too. No absolute
+path is in a key, and cached results name their files relative to the workspace: a copy of
+the workspace at another path (a second clone) is all cache hits.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from prefect import Task
@@ -21,30 +22,41 @@ from prefect.context import TaskRunContext
 
 from lesionml.errors import LesionMLError
 from lesionml.io import Artifact
+from lesionml.stage_spec import code_digest, stage_params
 
-# Inputs that change how a stage runs but not what it produces.
-NOT_IN_KEY = frozenset({"workers"})
+# Inputs that are not content: where the workspace is (cached results name files relative to
+# it), and the whole params dump (the key takes the stage's declared params from it).
+_PLACE_AND_PARAMS = frozenset({"workspace", "params"})
+
+
+def _content(value: Any) -> Any:
+    """An artifact as its sha256 (its bytes, wherever it lives); containers element by element."""
+    if isinstance(value, dict):
+        if set(value) == {"path", "sha256"}:
+            return value["sha256"]
+        return {k: _content(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_content(v) for v in value]
+    return value
 
 
 def stage_cache_key(
-    *code: ModuleType | Callable[..., Any], select: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    stage: str, *, select: Callable[[dict[str, Any]], Any] | None = None, ignore: tuple[str, ...] = ()
 ) -> Callable[[TaskRunContext, dict[str, Any]], str]:
-    """Key = task + the source of `code` (whole modules, or single functions where a module
-    holds several stages, so that editing one stage never invalidates its neighbours) +
-    the inputs `select` picks (default: all but NOT_IN_KEY)."""
-    digest = hashlib.sha256()
-    for obj in code:
-        digest.update(inspect.getsource(obj).encode())
-    code_digest = digest.hexdigest()
+    """Key = `stage` + its declared code's bytes + what defines its result: `select(inputs)`,
+    or by default its declared params (for model `name`, if it has one) and every other input
+    but `ignore` (inputs that label a result without changing it) as content."""
+    code = code_digest(stage)
 
     def key(ctx: TaskRunContext, inputs: dict[str, Any]) -> str:
-        h = hashlib.sha256()
-        h.update(ctx.task.name.encode())
-        h.update(inspect.getsource(ctx.task.fn).encode())
-        h.update(code_digest.encode())
-        kept = select(inputs) if select else {k: v for k, v in inputs.items() if k not in NOT_IN_KEY}
+        if select:
+            kept = select(inputs)
+        else:
+            kept = {k: _content(v) for k, v in inputs.items() if k not in _PLACE_AND_PARAMS | set(ignore)}
+            kept["params"] = stage_params(stage, inputs["params"], inputs.get("name"))
+        h = hashlib.sha256(f"{stage}\0{code}\0".encode())
         h.update(json.dumps(kept, sort_keys=True, default=str).encode())
-        return f"{ctx.task.name}-{h.hexdigest()[:32]}"
+        return f"{stage}-{h.hexdigest()[:32]}"
 
     return key
 
@@ -57,23 +69,29 @@ def retry_transient(task: Task, task_run: Any, state: Any) -> bool:
     return not isinstance(exc, LesionMLError) or getattr(exc, "transient", False)
 
 
-def as_dicts(artifacts: dict[str, Artifact]) -> dict[str, dict[str, str]]:
-    return {name: a.to_dict() for name, a in artifacts.items()}
+def as_dicts(artifacts: dict[str, Artifact], workspace: str) -> dict[str, dict[str, str]]:
+    """A task's result: each artifact's path relative to the workspace, so a moved workspace's cache still holds."""
+    root = Path(workspace)
+    return {name: {"path": str(Path(a.path).relative_to(root)), "sha256": a.sha256} for name, a in artifacts.items()}
 
 
 def run_stage(task: Task, workspace: Path, /, **inputs: Any) -> tuple[dict[str, Artifact], bool]:
-    """Run `task`, returning its artifacts and whether they came from the cache.
+    """Run `task`, returning its artifacts (paths in `workspace`) and whether they came from the cache.
 
     A cache hit is trusted only if every file it names still holds the recorded bytes;
     otherwise (deleted or edited output) the stage is recomputed.
     """
     storage = workspace / ".prefect" / "results"  # a Path: Prefect stores locally, no block needed
     bound = task.with_options(result_storage=storage, persist_result=True, result_serializer="json")
+
+    def artifacts_of(state: Any) -> dict[str, Artifact]:
+        return {k: Artifact(str(workspace / v["path"]), v["sha256"]) for k, v in state.result().items()}
+
     state = bound(**inputs, return_state=True)
-    artifacts = {k: Artifact(**v) for k, v in state.result().items()}
+    artifacts = artifacts_of(state)
     cached = state.is_completed() and state.name == "Cached"
     if cached and not all(a.is_intact() for a in artifacts.values()):
         state = bound.with_options(refresh_cache=True)(**inputs, return_state=True)
-        artifacts = {k: Artifact(**v) for k, v in state.result().items()}
+        artifacts = artifacts_of(state)
         cached = False
     return artifacts, cached

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.helpers import METADATA, SAMPLE, build_release, whole_lesion_rows, write_params
+from tests.helpers import METADATA, SAMPLE, build_release, free_port, whole_lesion_rows, write_params
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has set up tmp_path_factory
@@ -82,12 +81,6 @@ def params_file(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 ServerStarter = Callable[[list[str], str, dict[str, str], Path], tuple[subprocess.Popen, str]]
 
 
@@ -95,21 +88,22 @@ ServerStarter = Callable[[list[str], str, dict[str, str], Path], tuple[subproces
 def start_server() -> Iterator[ServerStarter]:
     """Start a server command on a free loopback port; return once it answers its health check.
 
-    `start(argv, health_path, env, log)` puts the port where `argv` says `{port}` and returns
-    the process and its base URL. The server runs in its own process group, so one signal
-    stops it and any worker it forks, and writes to `log`, whose end is the failure message
-    if it does not come up. Servers still running at the end of the session are stopped; a
-    test may stop one sooner (a server going away is what some of them test).
+    `start(argv, health_path, env, log)` puts the port where `argv` or a value of `env` says
+    `{port}` and returns the process and its base URL. The server runs in its own process
+    group, so one signal stops it and any worker it forks, and writes to `log`, whose end is
+    the failure message if it does not come up. Servers still running at the end of the
+    session are stopped; a test may stop one sooner (a server going away is what some of
+    them test).
     """
     started: list[subprocess.Popen] = []
 
     def start(argv: list[str], health_path: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         with open(log, "ab") as out:  # the child holds its own copy of the descriptor
             proc = subprocess.Popen(
                 [arg.format(port=port) for arg in argv],
-                env=env,
+                env={k: v.replace("{port}", str(port)) for k, v in env.items()},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -140,11 +134,18 @@ def _stop_group(proc: subprocess.Popen, sig: int) -> None:
 def prefect_server(tmp_path_factory, start_server) -> str:
     """A real `prefect server start` on a free loopback port for the session; its API URL.
 
-    Shared by the tests that need a real server (deployments, schedules) and by those that
-    run many CLI processes (each would otherwise start its own temporary server).
+    Shared by the tests that need a real server (deployments, schedules), by those that
+    run many CLI processes (each would otherwise start its own temporary server), and by the
+    browser tests of its UI, which is on: the UI is told the port, which `--port` alone
+    does not do (it would call the API on the default 4200).
     """
     home = tmp_path_factory.mktemp("prefect-server-home")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": "http://127.0.0.1:{port}/api",
+    }
     env.pop("PREFECT_API_URL", None)
     argv = [
         str(Path(sys.executable).parent / "prefect"),
@@ -154,7 +155,6 @@ def prefect_server(tmp_path_factory, start_server) -> str:
         "127.0.0.1",
         "--port",
         "{port}",
-        "--no-ui",
     ]
     _, url = start_server(argv, "/api/health", env, home / "server.log")
     return f"{url}/api"

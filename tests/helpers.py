@@ -1,21 +1,31 @@
 """Plain helpers shared by the test modules (`from tests.helpers import ...`): paths to the
 bundled sample and the shared full data, and releases and params files built in temp folders.
 
-Imports nothing of Prefect, TensorFlow or the pipeline beyond the config's model names.
+Imports nothing of Prefect, TensorFlow or the pipeline beyond the config.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from lesionml.config import MODEL_NAMES
+from lesionml.config import MODEL_NAMES, Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -23,6 +33,112 @@ FULL = ROOT.parent / "shared" / "data" / "ham10000"
 METADATA = "HAM10000_metadata.csv"
 LAYOUTS = ("flat", "parts", "zips")
 PARTS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
+BIN = Path(sys.executable).parent
+LESIONML = str(BIN / "lesionml")  # the venv's command, for tests that run it as users do
+
+
+# Params sections for a pipeline run that trains and registers a real model in seconds.
+TINY = {
+    "data": {"image_size": [32, 40]},
+    "models": {"enabled": ["cnn"], "cnn": {"filters": [8, 16], "dense_units": 16}},
+    "train": {"epochs": 1, "batch_size": 64},
+    "evaluate": {"bootstrap": 100},
+    "registry": {"bootstrap": 100},
+}
+
+
+def prefect_api(url: str, path: str, body: dict | None = None, method: str = "POST", attempts: int = 6):
+    """One Prefect REST call, retried like Prefect's own client does on 429/502/503.
+
+    The server answers 503 when its SQLite database is busy (a write from the serve process
+    or a background service holds the lock); the request did not happen and is safe to repeat.
+    """
+    data = None if method in ("GET", "DELETE") else json.dumps(body or {}).encode()
+    for attempt in range(attempts):
+        req = urllib.request.Request(
+            f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, method=method
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                body = r.read()
+                return json.loads(body) if body else None
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 502, 503) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
+def flow_run_logs(server: str, run_id: str, expect: str = "") -> str:
+    """The run's log messages, waiting a little for `expect` (logs reach the API in batches)."""
+    deadline = time.monotonic() + 15
+    while True:
+        logs = prefect_api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+        text = "\n".join(entry["message"] for entry in logs)
+        if expect in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
+def auto_scheduled_runs(server: str, deployment_id: str) -> list[dict]:
+    """The deployment's runs that the server's scheduler created, oldest tick first."""
+    runs = prefect_api(
+        server,
+        "/flow_runs/filter",
+        {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC"},
+    )
+    return [r for r in runs if r["auto_scheduled"]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def project_params(*overrides: str) -> Params:
+    """The project's params.yaml with `--set`-style overrides: the code has no defaults to fall back on."""
+    return load_params(ROOT / "params.yaml", list(overrides))
+
+
+def config(section: str, **values) -> BaseModel:
+    """One section of the project's params ("train", "models.cnn", ...) with `values` set, validated.
+
+    A unit test states the settings its assertions depend on in `values`; the rest are the
+    project's, which any valid setting must survive.
+    """
+    node = project_params()
+    for part in section.split("."):
+        node = getattr(node, part)
+    return type(node).model_validate({**node.model_dump(), **values})
+
+
+def start_mlflow_server(store: Path, start_server: Callable[..., tuple[subprocess.Popen, str]]):
+    """A real `mlflow server` (UI included) over a SQLite store and artifact folder in `store`,
+    started by the `start_server` fixture; its process and URL. One worker and no job runner:
+    the machine it runs on may have two cores."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    argv = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+    ]
+    return start_server(argv, "/health", env, store / "server.log")
 
 
 def full_data_or_skip() -> Path:

@@ -6,8 +6,9 @@ every epoch fresh views of each training image at no storage cost.
 Speed: flips, rotation, zoom and shift are composed into ONE affine matrix per image and
 applied by a single `ImageProjectiveTransformV3` op (bilinear, reflected borders);
 brightness and contrast are two arithmetic ops. Keras' preprocessing layers (one op
-chain per layer, stateful seed generators) measured 98 images/s on this 2-core machine,
-slower than the CNN trains; the fused transform ran 738 images/s (see bench/README.md).
+chain per layer, stateful seed generators) augmented more slowly than the CNN trains on
+2 cores, so they would have held training back; the fused transform keeps well ahead of
+it (docs/benchmarks.md).
 
 Reproducibility: every batch draws from a stateless RNG keyed by (seed, batch index), so
 batches can be augmented in parallel and a given seed always gives the same views,
@@ -149,8 +150,8 @@ def make_dataset(
             rest[0] = tf.one_hot(rest[0], n_classes)
         return (x, *rest) if rest else x
 
-    # Fixed parallelism, autotuner off: with it on, epochs of the same work took either ~11 s
-    # or exactly 20.5 s at random (cnn, 2,048 images, 2 cores); off, every epoch took ~11.5 s.
+    # Fixed parallelism, autotuner off: with it on, epochs of the same work on 2 cores randomly
+    # took much longer; off, every epoch takes the same time (docs/benchmarks.md, bench/autotune.py).
     options = tf.data.Options()
     options.autotune.enabled = False
     workers = min(4, os.cpu_count() or 1)

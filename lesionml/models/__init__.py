@@ -114,9 +114,8 @@ def conv_block(index: int, filters: int, convs: int, kernel_size: int, dropout: 
     Batch norm comes after the pool, on a quarter of the values. Its per-channel affine map
     commutes with the max while its scale is positive, so the block computes much the same
     functions as with the norm first (the batch statistics are those of the pooled map), and
-    training runs 1.6x faster on this CPU
-    (micro-benchmark, batch 32 at 96x128: 451-468 against 277-284 images/s with the norm
-    before the pool), since full-resolution normalization was most of the cost.
+    training runs much faster, since full-resolution normalization was most of the cost
+    (docs/benchmarks.md; its effect on validation scores: docs/results.md).
     """
     from keras import layers
 

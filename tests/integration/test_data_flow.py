@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from cli.main import main
 from flows.pipeline import pipeline
@@ -84,6 +87,21 @@ def test_cache_hits_param_changes_and_deleted_outputs(project, release):
         assert _sha(back, name) == _sha(first, name), f"{name}: same params give the same bytes"
 
 
+def test_a_copy_of_the_workspace_at_another_path_is_all_cache_hits(project, tmp_path):
+    """No absolute path in a key or a cached result: a second clone with the same outputs reuses them."""
+    first = _run(project)
+    tree = yaml.safe_load(project.read_text())
+    clone = tmp_path / "elsewhere"
+    shutil.copytree(first["workspace"], clone / "ws")
+    tree["data"]["workspace"] = "ws"
+    (clone / "params.yaml").write_text(yaml.safe_dump(tree))
+    again = _run(clone / "params.yaml")
+    assert again["cached"] == _cached(True, True, True, True, True)
+    for name, art in again["artifacts"].items():
+        assert Path(art["path"]).is_relative_to(clone / "ws"), name
+        assert art["sha256"] == first["artifacts"][name]["sha256"], name
+
+
 def _fingerprint(result: dict) -> str:
     return json.loads(Path(result["artifacts"]["ingest.release"]["path"]).read_text())["fingerprint"]
 
@@ -120,6 +138,36 @@ def test_cli_run_only_data_prints_the_summary(release, tmp_path, capsys):
     for artifact in ("ingest.manifest", "preprocess.images", "split.split", "normalize.stats", "augment.preview"):
         assert f"  {artifact}" in out
     assert "done in " in out
+
+
+def test_cli_run_prints_each_stage_as_it_starts_and_ends(release, prefect_server, tmp_path):
+    """Stage k of n as it starts and as it ends, with its time and the time into the run, in
+    the order they happen, as the person running it reads them (a real process, at the log
+    level a person has). (Cache hits say `cached`: tests/integration/test_ui.py.)"""
+    params = write_params(tmp_path / "project", release, augment={"preview_images": 2})
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "run", "--only", "data", "--params", str(params)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = re.findall(
+        r"(\[\d/\d\] \w+ (?:\.\.\.|ran|cached)) \((?:\d+\.\d s; )?(\d+):(\d\d) into the run\)", done.stderr
+    )
+    assert [line for line, _, _ in lines] == [
+        f"[{k}/{len(STAGES)}] {stage} {word}" for k, stage in enumerate(STAGES, 1) for word in ("...", "ran")
+    ], done.stderr[-3000:]
+    into = [int(minutes) * 60 + int(seconds) for _, minutes, seconds in lines]
+    assert into == sorted(into)
 
 
 @pytest.fixture

@@ -56,6 +56,17 @@ def project(tmp_path_factory, prefect_server):
     params["train"].update(epochs=1, batch_size=64)
     params["evaluate"]["bootstrap"] = params["registry"]["bootstrap"] = 100
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # dvc.yaml's metrics and plots follow models.enabled when regenerated from the stage declaration.
+    dvc_yaml = subprocess.run(
+        [sys.executable, "-m", "lesionml.stage_spec"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "evaluate/cnn/metrics.json" in dvc_yaml and "evaluate/cnn_lstm/" not in dvc_yaml
+    (root / "dvc.yaml").write_text(dvc_yaml)
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,21 @@ def test_every_stage_ran_then_everything_was_cached(full_run):
     assert all(second["cached"].values()), second["cached"]
 
 
+def test_a_copy_of_the_workspace_at_another_path_is_all_cache_hits(full_run, tmp_path):
+    """Train and register keys hold content, not the workspace path: a second clone reuses the models."""
+    from flows.pipeline import pipeline
+
+    params, first, _ = full_run
+    clone = tmp_path / "clone"
+    shutil.copytree(first["workspace"], clone / "ws")
+    (clone / "params.yaml").write_text(yaml.safe_dump({**params, "data": {**params["data"], "workspace": "ws"}}))
+    again = pipeline(params_file=str(clone / "params.yaml"))
+    assert all(again["cached"].values()), again["cached"]
+    for name, art in again["artifacts"].items():
+        assert Path(art["path"]).is_relative_to(clone / "ws"), name
+        assert art["sha256"] == first["artifacts"][name]["sha256"], name
+
+
 def test_mlflow_records_parent_and_nested_model_runs(full_run):
     import mlflow
     from mlflow import MlflowClient
@@ -98,6 +114,9 @@ def test_mlflow_records_parent_and_nested_model_runs(full_run):
         assert {"model_summary.txt", "training", "evaluation", "preprocessing"} <= names
         training = {a.path for a in client.list_artifacts(run.info.run_id, "training")}
         assert "training/curves.png" in training
+        evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+        gradcam = {f"evaluation/{s}_gradcam_{k}.png" for s in ("val", "test") for k in ("mel", "nv", "mistakes")}
+        assert gradcam <= evaluation, "Grad-CAM grids per class and of the mistakes, logged with the other figures"
 
         model = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
         images = np.random.default_rng(0).integers(0, 255, (3, 32, 40, 3)).astype(np.float32)
@@ -134,6 +153,8 @@ def test_registry_has_versions_with_tags_card_and_aliases(full_run):
     v = client.get_model_version(name, aliases["champion"])
     assert {"architecture", "git commit", "params hash", "data fingerprint", "test_balanced_accuracy"} <= set(v.tags)
     assert "Not a medical device" in v.description and "melanoma sensitivity" in v.description
+    assert v.tags["decision rule"].startswith("prior correction tau")
+    assert f"The served model applies: {v.tags['decision rule']}." in v.description
     assert "temperature-scaled" in v.description
 
 
@@ -172,23 +193,83 @@ def test_served_champion_decides_exactly_as_it_was_evaluated(full_run):
     np.testing.assert_allclose(served[columns].to_numpy(), test[columns].to_numpy(), atol=1e-5)
 
 
-def test_champion_moves_only_on_a_significant_win(full_run, tmp_path):
+def test_a_later_run_is_judged_by_the_rule_on_the_champions_served_predictions(full_run):
+    """Whichever way a 1-epoch challenger on the sample goes, the decision is the promotion rule's
+    on the champion's served test predictions, and the aliases follow it. (Both outcomes for
+    certain: test_promotion_flow.py, on releases built for them.)"""
+    import pandas as pd
     from mlflow import MlflowClient
 
     from flows.pipeline import pipeline
+    from lesionml import tracking
+    from lesionml.config import RegistryConfig, TrackingConfig
+    from lesionml.model_stages import Contender, class_indices, decide_promotion
 
     params, first, _ = full_run
     params_file = Path(first["workspace"]).parent / "params.yaml"
     third = pipeline(params_file=str(params_file), overrides=["train.seed=5", "train.epochs=1"])
     decision = json.loads(Path(third["artifacts"]["register.decision"]["path"]).read_text())
-    assert decision["promote"] == (decision["delta"] > 0 and decision["p_value"] < decision["alpha"])
+    name = params["registry"]["model_name"]
+    champion = decision["champion"]["version"]
     client = MlflowClient(params["tracking"]["uri"])
-    aliases = client.get_registered_model(params["registry"]["model_name"]).aliases
+    crowned = client.get_run(client.get_model_version(name, champion).run_id)
+    assert crowned.data.tags["mlflow.parentRunId"] == first["mlflow_run_id"], "the champion the first run crowned"
+
+    split = pd.read_csv(third["artifacts"]["split.split"]["path"])
+    test = split[split.split == "test"].reset_index(drop=True)
+    images = [(SAMPLE / "images" / f"{i}.jpg").read_bytes() for i in test.image_id]
+    tracking.connect(TrackingConfig(**params["tracking"]))
+    served = tracking.load_pyfunc(f"models:/{name}/{champion}").predict(pd.DataFrame({"image": images}))
+    table = pd.read_csv(third["artifacts"][f"evaluate.{decision['challenger']['model']}.predictions"]["path"])
+    challenger = table[table.split == "test"].set_index("image_id").loc[test.image_id, "predicted"]
+    expected = decide_promotion(
+        class_indices(test.dx),
+        test.lesion_id.to_numpy(),
+        Contender(decision["challenger"]["version"], class_indices(challenger)),
+        Contender(champion, class_indices(served.predicted)),
+        RegistryConfig(**params["registry"]),
+        params["split"]["seed"],
+    )
+    assert {k: decision[k] for k in expected} == expected
+
+    aliases = client.get_registered_model(name).aliases
     assert str(aliases["challenger"]) == decision["challenger"]["version"]
-    expected = decision["challenger"]["version"] if decision["promote"] else decision["champion"]["version"]
-    assert str(aliases["champion"]) == expected
+    assert str(aliases["champion"]) == (decision["challenger"]["version"] if decision["promote"] else champion)
     parent = client.get_run(third["mlflow_run_id"])
     assert parent.data.tags["lesionml.registry_decision"] == decision["reason"]
+
+
+def test_runs_use_the_release_splits_as_datasets_and_trainings_record_system_metrics(full_run):
+    """The MLflow UI's dataset column and lineage: the pipeline run and each model run use the
+    release's train, validation and test splits; a training run's system metrics show CPU and
+    memory over its course."""
+    from mlflow import MlflowClient
+
+    params, first, _ = full_run
+    client = MlflowClient(params["tracking"]["uri"])
+    release = json.loads(Path(first["artifacts"]["ingest.release"]["path"]).read_text())
+    parent = client.get_run(first["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    sizes = {"train": "split.n_train", "validation": "split.n_val", "test": "split.n_test"}
+    for run in [parent, *children]:
+        inputs = {}
+        for i in run.inputs.dataset_inputs:
+            tags = {t.key: t.value for t in i.tags}
+            inputs[tags["mlflow.data.context"]] = (i.dataset, tags)
+        assert set(inputs) == {"train", "validation", "test"}, run.info.run_name
+        for context, (dataset, tags) in inputs.items():
+            assert dataset.name == f"sample-{context}"
+            assert dataset.digest == release["fingerprint"][:36]
+            assert dataset.source_type == "local" and json.loads(dataset.source) == {"uri": str(SAMPLE.resolve())}
+            assert json.loads(dataset.profile) == {"release_fingerprint": release["fingerprint"]}
+            assert tags["lesionml.images"] == parent.data.params[sizes[context]]
+
+    assert not [k for k in parent.data.metrics if k.startswith("system/")], "only training runs are sampled"
+    for run in children:
+        cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        memory = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+        assert cpu and memory, f"{run.info.run_name}: no system metrics"
+        assert all(0 <= m.value <= 100 for m in cpu) and all(m.value > 0 for m in memory)
 
 
 def test_predict_cli_good_and_bad_files(full_run, tmp_path, capsys):
@@ -208,6 +289,15 @@ def test_predict_cli_good_and_bad_files(full_run, tmp_path, capsys):
     assert len(good) == 3 and len(bad) == 1
     assert bad[0]["source"].endswith("notes.jpg") and "not an image Pillow can read" in bad[0]["error"]
     assert all(abs(sum(g["probabilities"].values()) - 1) < 1e-3 and g["name"] for g in good)
+
+    # --explain: one Grad-CAM overlay per image predicted, named after it; none for the broken file
+    out = tmp_path / "explained"
+    assert main(["predict", str(folder), "--json", "--explain", str(out), "--params", params_file]) == 1
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(g["source"]).stem + ".png" for g in good)
+    assert all(Path(line["explanation"]).is_file() for line in lines if "predicted" in line)
+    assert "decision rule: prior correction tau" in captured.err and f"Grad-CAM overlays: 3 in {out}" in captured.err
 
     assert main(["predict", str(folder), "--model", "lesionml@nope", "--params", params_file]) == 1
     err = capsys.readouterr().err

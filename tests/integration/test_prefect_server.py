@@ -5,15 +5,12 @@ the run and be gone when the CLI exits."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -21,38 +18,10 @@ import pytest
 
 from flows.local_api import LocalAPI
 from lesionml.errors import LesionMLError
-from tests.helpers import SAMPLE, write_params
+from tests.helpers import SAMPLE, TINY, auto_scheduled_runs, flow_run_logs, prefect_api, write_params
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-TINY = {
-    "data": {"image_size": [32, 40]},
-    "models": {"enabled": ["cnn"], "cnn": {"filters": [8, 16], "dense_units": 16}},
-    "train": {"epochs": 1, "batch_size": 64},
-    "evaluate": {"bootstrap": 100},
-    "registry": {"bootstrap": 100},
-}
-
-
-def _api(url: str, path: str, body: dict | None = None, method: str = "POST", attempts: int = 6):
-    """One Prefect REST call, retried like Prefect's own client does on 429/502/503.
-
-    The server answers 503 when its SQLite database is busy (a write from the serve process
-    or a background service holds the lock); the request did not happen and is safe to repeat.
-    """
-    data = None if method in ("GET", "DELETE") else json.dumps(body or {}).encode()
-    for attempt in range(attempts):
-        req = urllib.request.Request(
-            f"{url}{path}", data=data, headers={"Content-Type": "application/json"}, method=method
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                body = r.read()
-                return json.loads(body) if body else None
-        except urllib.error.HTTPError as e:
-            if e.code not in (429, 502, 503) or attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * 2**attempt)
 
 
 def _client_env(server: str, tmp_path: Path) -> dict:
@@ -72,9 +41,11 @@ def test_data_flow_runs_against_a_real_server(prefect_server, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Starting temporary server" not in done.stderr + done.stdout
 
-    runs = [r for r in _api(prefect_server, "/flow_runs/filter") if r["parameters"].get("params_file") == str(params)]
+    runs = [
+        r for r in prefect_api(prefect_server, "/flow_runs/filter") if r["parameters"].get("params_file") == str(params)
+    ]
     assert [run["state_type"] for run in runs] == ["COMPLETED"]
-    tasks = _api(prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
+    tasks = prefect_api(prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
     assert {t["name"].rsplit("-", 1)[0] for t in tasks} == {"ingest", "preprocess", "split", "normalize", "augment"}
 
 
@@ -124,7 +95,9 @@ def test_an_api_url_from_the_active_profile_wins_over_the_temporary_server(prefe
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "temporary server" not in (done.stderr + done.stdout).lower()
-    runs = [r for r in _api(prefect_server, "/flow_runs/filter") if r["parameters"].get("params_file") == str(params)]
+    runs = [
+        r for r in prefect_api(prefect_server, "/flow_runs/filter") if r["parameters"].get("params_file") == str(params)
+    ]
     assert [run["state_type"] for run in runs] == ["COMPLETED"]
 
 
@@ -144,34 +117,13 @@ def test_a_temporary_server_that_cannot_start_is_a_clear_error(tmp_path, monkeyp
     assert api.process is None
 
 
-def _logs(server: str, run_id: str, expect: str = "") -> str:
-    """The run's log messages, waiting a little for `expect` (logs reach the API in batches)."""
-    deadline = time.monotonic() + 15
-    while True:
-        logs = _api(server, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
-        text = "\n".join(entry["message"] for entry in logs)
-        if expect in text or time.monotonic() > deadline:
-            return text
-        time.sleep(0.5)
-
-
-def _auto_runs(server: str, deployment_id: str) -> list[dict]:
-    """The deployment's runs that the server's scheduler created, oldest tick first."""
-    runs = _api(
-        server,
-        "/flow_runs/filter",
-        {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC"},
-    )
-    return [r for r in runs if r["auto_scheduled"]]
-
-
 def _wait_for_finished_auto_runs(
     server: str, deployment_id: str, n: int, serve: subprocess.Popen, log: Path, timeout: float = 600
 ) -> list[dict]:
     """Wait, touching nothing, until the scheduler's first `n` runs have finished."""
     deadline = time.monotonic() + timeout
     while True:
-        runs = _auto_runs(server, deployment_id)[:n]
+        runs = auto_scheduled_runs(server, deployment_id)[:n]
         if len(runs) == n and all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
             return runs
         if serve.poll() is not None or time.monotonic() > deadline:
@@ -187,7 +139,7 @@ def test_the_servers_own_scheduler_fires_the_deployment_which_retrains_then_stop
     interval = 20
     with served_log.open("w") as out:
         serve = subprocess.Popen(
-            [str(BIN / "lesionml"), "schedule", "--interval", str(interval), "--params", str(params)],
+            [str(BIN / "lesionml"), "schedule", "--serve", "--interval", str(interval), "--params", str(params)],
             env={
                 **_client_env(prefect_server, tmp_path),
                 "PREFECT_LOGGING_LEVEL": "INFO",
@@ -200,7 +152,9 @@ def test_the_servers_own_scheduler_fires_the_deployment_which_retrains_then_stop
         deadline = time.monotonic() + 120
         deployment = None
         while deployment is None:
-            found = _api(prefect_server, "/deployments/filter", {"deployments": {"name": {"any_": ["scheduled"]}}})
+            found = prefect_api(
+                prefect_server, "/deployments/filter", {"deployments": {"name": {"any_": ["scheduled"]}}}
+            )
             deployment = found[0] if found else None
             if serve.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"no deployment was served:\n{served_log.read_text()[-3000:]}")
@@ -210,25 +164,26 @@ def test_the_servers_own_scheduler_fires_the_deployment_which_retrains_then_stop
         assert deployment["parameters"]["params_file"] == str(params)
 
         first, second = _wait_for_finished_auto_runs(prefect_server, deployment["id"], 2, serve, served_log)
+        # Read before the serving process goes: a run's last log batch may still be on its way.
+        retrained = flow_run_logs(prefect_server, first["id"], "retraining: no successful run has identity")
+        stopped_early = flow_run_logs(prefect_server, second["id"], "nothing changed since MLflow run")
     finally:
         os.killpg(serve.pid, 15)
         serve.wait(timeout=60)
         if deployment:  # its ~100 runs scheduled ahead go too: the session's server is shared
-            _api(prefect_server, f"/deployments/{deployment['id']}", method="DELETE")
+            prefect_api(prefect_server, f"/deployments/{deployment['id']}", method="DELETE")
 
     created = datetime.fromisoformat(deployment["created"])
     anchor = datetime.fromisoformat(schedule["schedule"]["anchor_date"])
     for run in (first, second):
-        assert run["state_type"] == "COMPLETED", _logs(prefect_server, run["id"])[-3000:]
+        assert run["state_type"] == "COMPLETED", flow_run_logs(prefect_server, run["id"])[-3000:]
         expected = datetime.fromisoformat(run["expected_start_time"])
         assert expected >= created, (expected, created)  # a tick of this deployment's schedule, not a backfill
         assert (expected - anchor).total_seconds() % interval == 0, (expected, anchor)
         # Executed by the serving process (`lesionml schedule`): the run's own log lines are in its output.
         assert f"/runs/flow-run/{run['id']}" in served_log.read_text()
-    expect = "retraining: no successful run has identity"
-    assert expect in _logs(prefect_server, first["id"], expect)
-    expect = "nothing changed since MLflow run"
-    assert expect in _logs(prefect_server, second["id"], expect)
+    assert "retraining: no successful run has identity" in retrained
+    assert "nothing changed since MLflow run" in stopped_early
     early = (datetime.fromisoformat(second["end_time"]) - datetime.fromisoformat(second["start_time"])).total_seconds()
 
     # MLflow recorded exactly one pipeline run (the second retraining stopped before starting one).

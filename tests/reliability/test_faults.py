@@ -13,7 +13,7 @@ Runs that get killed are separate processes in their own session, run as `lesion
 out of the box (Prefect's temporary server is their child), and killed with SIGKILL to the
 whole process group: a machine losing power kills the temporary server too. The other CLI
 runs share the test session's Prefect server (tests/conftest.py), which saves each of them the
-temporary server's start-up (the README's "watch runs in the Prefect UI" set-up).
+temporary server's start-up (the Prefect UI set-up of docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -40,7 +40,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.helpers import ROOT, SAMPLE, build_release, sample_metadata, whole_lesion_rows, write_params
+from tests.helpers import (
+    ROOT,
+    SAMPLE,
+    build_release,
+    sample_metadata,
+    start_mlflow_server,
+    whole_lesion_rows,
+    write_params,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -598,26 +606,6 @@ def test_a_store_that_does_not_answer_is_never_read_as_no_champion(monkeypatch):
     assert caught.value.transient and caught.value.exit_code == 1
 
 
-def _start_mlflow_server(store: Path, start_server) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    argv = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "{port}",
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{store / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(store / "artifacts"),
-    ]
-    return start_server(argv, "/health", env, store / "server.log")
-
-
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
@@ -629,7 +617,7 @@ def test_tracking_server_going_away_mid_run_fails_clearly_and_moves_no_alias(bas
 
     store = base / "mlflow-server"
     store.mkdir()
-    server, url = _start_mlflow_server(store, start_server)
+    server, url = start_mlflow_server(store, start_server)
     try:
         # An existing champion, as on any server that has seen a run before.
         client = MlflowClient(url)

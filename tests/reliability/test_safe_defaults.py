@@ -1,6 +1,7 @@
 """Safe defaults, checked on the code itself (parsed with `ast`, never by running a server):
 
-- servers the project starts or documents bind 127.0.0.1 unless the user says otherwise;
+- servers the project starts or documents (README, docs/, bench/) bind 127.0.0.1 unless the
+  user says otherwise;
 - Keras models load with safe_mode=True, arrays with np.load(..., allow_pickle=False);
 - nothing read from disk or network is unpickled or evaluated (no pickle, eval, exec,
   unsafe yaml);
@@ -19,17 +20,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, SAMPLE, write_params
+from tests.helpers import ROOT, SAMPLE, project_params, write_params
 
-# Everything the project runs: the library, the Prefect tasks and flows, and its scripts.
-CODE_DIRS = ("lesionml", "tasks", "flows", "scripts", "bench")
+# Everything the project runs: the library, the Prefect tasks and flows, the CLI, and its scripts.
+CODE_DIRS = ("lesionml", "tasks", "flows", "cli", "scripts", "bench")
 LOOPBACK = "127.0.0.1"
 
 
 def _project_files() -> list[Path]:
     files = sorted(p for d in CODE_DIRS for p in (ROOT / d).rglob("*.py"))
-    assert len(files) > 20 and ROOT / "lesionml" / "cli.py" in files
+    assert len(files) > 20 and ROOT / "cli" / "main.py" in files
     return files
+
+
+def _doc_files() -> list[Path]:
+    """Every page that documents commands: the README, docs/ and bench/."""
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert pages, "docs/*.md not found: the scan would check nothing there"
+    return [ROOT / "README.md", *pages, *sorted((ROOT / "bench").glob("*.md"))]
 
 
 # --- a small resolver: which function does each call name? ------------------------------
@@ -237,9 +245,10 @@ def test_doc_command_finder_sees_blocks_and_inline_spans():
 
 
 def test_documented_server_commands_bind_loopback():
-    docs = [ROOT / "README.md", *sorted((ROOT / "bench").glob("*.md"))]
-    commands = [(doc, line, cmd) for doc in docs for line, cmd in _doc_commands(doc.read_text(encoding="utf-8"))]
-    assert len(commands) >= 3, "README documents mlflow models serve, mlflow server and prefect server start"
+    commands = [
+        (doc, line, cmd) for doc in _doc_files() for line, cmd in _doc_commands(doc.read_text(encoding="utf-8"))
+    ]
+    assert len(commands) >= 3, "docs/ documents mlflow models serve and prefect server start (more than once)"
     missing = [
         f"{doc.relative_to(ROOT)}:{line}: {cmd}"
         for doc, line, cmd in commands
@@ -249,7 +258,7 @@ def test_documented_server_commands_bind_loopback():
 
 
 def test_nothing_binds_all_interfaces():
-    texts = {p: p.read_text(encoding="utf-8") for p in [*_project_files(), ROOT / "README.md", ROOT / "Makefile"]}
+    texts = {p: p.read_text(encoding="utf-8") for p in [*_project_files(), *_doc_files(), ROOT / "Makefile"]}
     bad = [
         f"{p.relative_to(ROOT)}:{t.count(chr(10), 0, m.start()) + 1}"
         for p, t in texts.items()
@@ -272,7 +281,6 @@ SECRET = "s3cret-Pa55"
 def test_tracking_credentials_are_never_logged_as_params(uri, monkeypatch):
     """log_params is what the pipeline run and every model run log their params with."""
     from lesionml import tracking
-    from lesionml.config import Params, TrackingConfig
 
     logged: list = []
 
@@ -281,7 +289,7 @@ def test_tracking_credentials_are_never_logged_as_params(uri, monkeypatch):
             logged.extend([*params, *tags])
 
     monkeypatch.setattr(tracking, "client", Client)
-    params = Params(tracking=TrackingConfig(uri=uri))
+    params = project_params(f"tracking.uri={uri}")
     tracking.log_params("run", params, {"model.name": "cnn"})
     assert logged, "nothing logged: the fake client is not the one used"
     leaked = sorted(f"{p.key}={p.value}" for p in logged if SECRET in f"{p.key}={p.value}")

@@ -1,22 +1,35 @@
-"""params.yaml -> typed Params: defaults, strictness, --set overrides, path resolution."""
+"""params.yaml -> typed Params: no defaults in code, strictness, --set overrides, path resolution."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from lesionml.config import Params, load_params, parse_override
+from lesionml.config import Params, flatten, load_params, parse_override
 from lesionml.errors import ConfigError
-from tests.helpers import ROOT
+from tests.helpers import ROOT, project_params
+
+PROJECT = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    """A deep copy of `base` with `changes` applied key by key."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _merged(base[key], value) if both else value
+    return out
 
 
 def _write(folder: Path, tree: dict | str) -> Path:
+    """A params file: text as given, or the project's params with `tree`'s keys changed."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "params.yaml"
-    path.write_text(tree if isinstance(tree, str) else yaml.safe_dump(tree), encoding="utf-8")
+    path.write_text(tree if isinstance(tree, str) else yaml.safe_dump(_merged(PROJECT, tree)), encoding="utf-8")
     return path
 
 
@@ -28,34 +41,60 @@ def _error(path: Path, overrides: list[str] = ()) -> str:
     return message
 
 
-# --- defaults -----------------------------------------------------------------------
+# --- one source of values -----------------------------------------------------------
 
 
-def test_empty_file_gives_the_code_defaults_with_paths_anchored_at_the_file(tmp_path):
-    params = load_params(_write(tmp_path, ""))
-    assert params == Params().resolve_paths(tmp_path)
-    assert params.split.seed == 42 and (params.split.val_fraction, params.split.test_fraction) == (0.15, 0.15)
-    assert params.data.image_size == (75, 100) and params.data.workers == 2
-    assert params.data.source == tmp_path / "data" / "sample"
-    assert params.data.workspace == tmp_path / "workspace"
+def _sections(model: type[BaseModel], prefix: str = ""):
+    """Every section class reachable from `model`, with its dotted name."""
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield f"{prefix}{name}", field.annotation
+            yield from _sections(field.annotation, f"{prefix}{name}.")
 
 
-def test_one_section_given_the_others_default(tmp_path):
-    params = load_params(_write(tmp_path, {"split": {"seed": 3}}))
-    assert params.split.seed == 3 and params.split.val_fraction == 0.15
-    assert params.augment == Params().augment and params.train == Params().train
+def test_the_code_holds_no_values_only_types_and_bounds():
+    """Drift guard: a value in code would be a second source that params.yaml can silently disagree with."""
+    defaulted = {}
+    for where, section in [("", Params), *_sections(Params)]:
+        for name, field in section.model_fields.items():
+            if field.is_required():
+                continue
+            default = field.get_default(call_default_factory=True)
+            if default is not None and default != {} and default != ():
+                defaulted[f"{where}.{name}".lstrip(".")] = default
+    assert not defaulted, f"settings with a value in lesionml/config.py instead of params.yaml: {defaulted}"
 
 
-def test_the_projects_own_params_file_is_valid(sample_dir):
-    params = load_params(ROOT / "params.yaml")
-    assert params.data.source == sample_dir.resolve()
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert params.data.image_size == tuple(raw["data"]["image_size"])
-    assert params.train.ema_decay == raw["train"]["ema_decay"]
-    own_epochs = raw["models"]["cnn_lstm"]["train"]["epochs"]
-    assert params.train_for("cnn_lstm").epochs == own_epochs != params.train.epochs
-    assert params.train_for("cnn").epochs == params.train.epochs
-    assert set(params.models.enabled) <= {"cnn", "cnn_lstm"}
+def test_the_projects_params_file_names_every_setting_and_every_value_comes_from_it(sample_dir):
+    params = Params.model_validate(PROJECT)  # nothing filled in: every required key is in the file
+    assert params.flat() == flatten(PROJECT)
+    loaded = load_params(ROOT / "params.yaml")
+    assert loaded.data.source == sample_dir.resolve()
+    own_epochs = PROJECT["models"]["cnn_lstm"]["train"]["epochs"]
+    assert loaded.train_for("cnn_lstm").epochs == own_epochs != loaded.train.epochs
+    assert loaded.train_for("cnn").epochs == loaded.train.epochs
+
+
+def test_a_missing_setting_is_named_in_one_line(tmp_path):
+    tree = _merged(PROJECT, {})
+    del tree["train"]["epochs"]
+    assert _error(_write(tmp_path / "a", yaml.safe_dump(tree))).endswith("params.yaml: train.epochs: missing")
+    del tree["models"]["cnn"]["head"], tree["evaluate"]["min_balanced_accuracy"]
+    message = _error(_write(tmp_path / "b", yaml.safe_dump(tree)))
+    assert message.endswith("params.yaml: models.cnn.head: missing (and 2 more missing)")
+    assert _error(_write(tmp_path / "c", "")).endswith("params.yaml: data: missing (and 8 more missing)")
+
+
+def test_a_section_left_empty_names_its_first_key_as_missing(tmp_path):
+    text = yaml.safe_dump(_merged(PROJECT, {"split": None}))
+    assert "split.seed: missing (and 2 more missing)" in _error(_write(tmp_path, text))
+
+
+def test_a_models_own_train_settings_may_be_absent(tmp_path):
+    tree = _merged(PROJECT, {})
+    del tree["models"]["cnn_lstm"]["train"]
+    params = load_params(_write(tmp_path, yaml.safe_dump(tree)))
+    assert params.models.cnn_lstm.train == {} and params.train_for("cnn_lstm") == params.train
 
 
 # --- unknown keys, wrong types, out of range ----------------------------------------
@@ -165,7 +204,7 @@ def test_override_wins_over_the_file_and_later_override_wins(tmp_path):
 
 
 def test_override_is_validated_like_the_file(tmp_path):
-    path = _write(tmp_path, "")
+    path = _write(tmp_path, {})
     message = _error(path, ["split.sed=7"])
     assert message.endswith("unknown key 'split.sed'") and "with --set split.sed=7" in message
     assert "data.workers: Input should be greater than or equal to 1 (got -3)" in _error(path, ["data.workers=-3"])
@@ -223,7 +262,7 @@ def test_absolute_paths_and_remote_tracking_uri_are_kept(tmp_path):
 
 
 def test_relative_override_path_resolves_against_the_params_folder(tmp_path):
-    params = load_params(_write(tmp_path / "p", ""), ["data.source=rel"])
+    params = load_params(_write(tmp_path / "p", {}), ["data.source=rel"])
     assert params.data.source == tmp_path / "p" / "rel"
 
 
@@ -237,20 +276,15 @@ def test_missing_file_invalid_yaml_and_non_mapping(tmp_path):
 
 
 def test_params_are_frozen_and_flat_names_every_param():
-    params = Params()
+    params = project_params(
+        "split.seed=42", "split.val_fraction=0.15", "split.test_fraction=0.15", "data.image_size=[75, 100]"
+    )
     with pytest.raises(ValidationError):
         params.split.seed = 1  # type: ignore[misc]
     flat = params.flat()
     assert flat["split.seed"] == 42 and flat["data.image_size"] == [75, 100]
-    assert flat["augment.horizontal_flip"] is True
+    assert flat["augment.horizontal_flip"] is PROJECT["augment"]["horizontal_flip"]
     assert params.section("split") == {"seed": 42, "val_fraction": 0.15, "test_fraction": 0.15}
-
-
-def test_empty_section_means_defaults(tmp_path):
-    p = tmp_path / "params.yaml"
-    p.write_text("split:\n  # seed: 3\ntrain:\n  epochs: 2\n")
-    params = load_params(p, ["split.seed=7"])
-    assert params.split.seed == 7 and params.split.val_fraction == 0.15 and params.train.epochs == 2
 
 
 def test_a_models_own_train_settings_win_for_that_model_only(tmp_path):

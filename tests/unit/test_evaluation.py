@@ -15,10 +15,14 @@ from lesionml.evaluation import (
     expected_calibration_error,
     fit_temperature,
     lesion_bootstrap,
+    melanoma_operating_point,
+    paired_changes,
     predictions_table,
+    tune_melanoma_offset,
     tune_prior_correction,
 )
 from lesionml.inference import adjust_probabilities
+from tests.helpers import config
 
 
 def _proba(y, hit_rate, seed=0):
@@ -64,7 +68,14 @@ def test_lesion_bootstrap_interval_brackets_the_estimate_and_grows_with_correlat
     independent = lesion_bootstrap(y, np.eye(7)[pred], np.arange(400), n=400)
     lo, hi = independent["accuracy"]
     assert lo < (pred == y).mean() < hi
-    assert set(independent) == {"accuracy", "balanced_accuracy", "macro_f1", "mel_sensitivity", "roc_auc_macro"}
+    assert set(independent) == {
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "mel_sensitivity",
+        "mel_specificity",
+        "roc_auc_macro",
+    }
     for low, high in independent.values():
         assert 0 <= low < high <= 1
     # The same 400 predictions, but 8 images per lesion, all right or all wrong together:
@@ -129,6 +140,7 @@ def test_vectorised_bootstrap_equals_scikit_learn_on_each_resample():
                 "balanced_accuracy": skm.balanced_accuracy_score(t, p),
                 "macro_f1": skm.f1_score(t, p, labels=labels, average="macro", zero_division=0),
                 "mel_sensitivity": skm.recall_score(t, p, labels=[4], average="macro", zero_division=0),
+                "mel_specificity": skm.recall_score(t != 4, p != 4, zero_division=0),
             }
         for name, value in expect.items():
             assert scores[name][r] == pytest.approx(value), (name, r)
@@ -257,3 +269,130 @@ def test_fitted_temperature_undoes_a_known_miscalibration_without_changing_decis
     assert expected_calibration_error(y_test, fixed) < 0.03
     if miscalibration != 1.0:
         assert expected_calibration_error(y_test, model_test) > 0.06
+
+
+MEL = CLASSES.index("mel")
+
+
+def _mel_rates(y, proba):
+    pred = proba.argmax(axis=1)
+    return float((pred[y == MEL] == MEL).mean()), float((pred[y != MEL] != MEL).mean())
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.95, 1.0])
+def test_melanoma_offset_reaches_the_target_on_val_with_the_fewest_false_melanomas(target):
+    prior = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    y, p = _prior_learning_model(2000, prior, seed=6)
+    plain_sensitivity = _mel_rates(y, p)[0]
+    assert plain_sensitivity < 0.5  # the prior hides melanomas: the target needs a real move
+    offset = tune_melanoma_offset(y, p, target)
+    shift = np.eye(7)[MEL]
+    sensitivity, specificity = _mel_rates(y, adjust_probabilities(p, offsets=offset * shift))
+    assert sensitivity >= target
+    # the least melanoma-leaning offset that does it: any smaller one misses the target or
+    # decides every validation image the same way (it lies in the same gap between images)
+    chosen = adjust_probabilities(p, offsets=offset * shift).argmax(axis=1)
+    for t in np.linspace(offset - 2, offset, 200, endpoint=False):
+        smaller = adjust_probabilities(p, offsets=t * shift)
+        assert _mel_rates(y, smaller)[0] < target or (smaller.argmax(axis=1) == chosen).all(), t
+    assert specificity < 1.0
+
+
+def test_melanoma_offset_can_be_negative_when_the_model_already_finds_more_than_asked():
+    prior = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    y, p = _prior_learning_model(2000, prior, seed=7)
+    p = adjust_probabilities(p, offsets=3.0 * np.eye(7)[MEL])  # a model that calls melanoma freely
+    before = _mel_rates(y, p)
+    assert before[0] > 0.6
+    offset = tune_melanoma_offset(y, p, 0.5)
+    after = _mel_rates(y, adjust_probabilities(p, offsets=offset * np.eye(7)[MEL]))
+    assert offset < 0 and 0.5 <= after[0] < before[0] and after[1] > before[1]  # specificity bought back
+
+
+def test_melanoma_offset_without_validation_melanomas_is_a_one_line_error():
+    from lesionml.errors import LesionMLError
+
+    y = np.array([0, 5, 5, 6])
+    with pytest.raises(LesionMLError, match="operating_point melanoma_sensitivity: the validation split has no mel"):
+        tune_melanoma_offset(y, np.full((4, 7), 1 / 7), 0.8)
+
+
+def test_melanoma_operating_point_chosen_on_val_holds_on_test_and_reports_its_cost():
+    prior = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    y_val, p_val = _prior_learning_model(3000, prior, seed=8)
+    y_test, p_test = _prior_learning_model(3000, prior, seed=9)
+    lesions = np.arange(3000) // 2  # two images per lesion
+    point = melanoma_operating_point({"val": y_val, "test": y_test}, {"val": p_val, "test": p_test}, lesions, 0.8, 300)
+    assert point["mel_sensitivity_target"] == 0.8
+    shifted = adjust_probabilities(p_test, offsets=point["melanoma_offset"] * np.eye(7)[MEL])
+    sensitivity, specificity = _mel_rates(y_test, shifted)
+    assert sensitivity > 0.7  # chosen on val; unseen test lands near the target
+    base = point["base"]["test"]
+    assert base["mel_sensitivity"] == pytest.approx(_mel_rates(y_test, p_test)[0])
+    change = point["test_change"]
+    assert change["mel_sensitivity"]["change"] == pytest.approx(sensitivity - base["mel_sensitivity"])
+    assert change["mel_specificity"]["change"] == pytest.approx(specificity - base["mel_specificity"])
+    assert change["accuracy"]["change"] < 0  # the price: more nv called melanoma
+    for key in ("mel_sensitivity", "mel_specificity", "accuracy", "balanced_accuracy"):
+        lo, hi = change[key]["ci95"]
+        assert lo <= change[key]["change"] <= hi
+
+
+def test_paired_changes_of_identical_decisions_are_exactly_zero():
+    y = np.arange(7).repeat(20)
+    pred = np.where(np.arange(len(y)) % 3 == 0, 5, y)
+    changes = paired_changes(y, pred, pred, np.arange(len(y)), n=200)
+    assert all(c["change"] == 0 and c["ci95"] == (0.0, 0.0) for c in changes.values())
+
+
+def test_the_melanoma_operating_point_is_served_and_stated_in_the_model_card():
+    """The stage's rule record end to end: offsets the served model applies reach the target on val,
+    and the model card says which rule it is, with the test cost and its intervals."""
+    import pandas as pd
+
+    from lesionml import model_card
+    from lesionml.model_stages import _decision_rule
+
+    prior = np.array([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02])
+    labels, raw = {}, {}
+    for which, seed in (("train", 10), ("val", 11), ("test", 12)):
+        labels[which], raw[which] = _prior_learning_model(1500, prior, seed=seed)
+    rows = pd.DataFrame(
+        {
+            "split": np.repeat(["train", "val", "test"], 1500),
+            "dx": [CLASSES[k] for k in np.concatenate(list(labels.values()))],
+            "lesion_id": np.arange(4500) // 2,
+        }
+    )
+    del labels["train"], raw["train"]
+    cfg = config(
+        "evaluate",
+        bootstrap=200,
+        prior_correction=True,
+        temperature_scaling=True,
+        min_balanced_accuracy=0.65,
+        operating_point="melanoma_sensitivity",
+        mel_sensitivity_target=0.8,
+    )
+    decision = _decision_rule(cfg, rows, labels, raw)
+    served = {s: adjust_probabilities(p, decision["temperature"], decision["offsets"]) for s, p in raw.items()}
+    assert _mel_rates(labels["val"], served["val"])[0] >= 0.8
+    assert decision["operating_point"] == "melanoma_sensitivity" and decision["prior_correction"]
+    assert decision["rule"].startswith(f"prior correction tau {decision['tau']:.2f}")
+    assert "chosen for validation melanoma sensitivity >= 0.80" in decision["rule"]
+
+    metrics = {"decision": decision}
+    for which, p in served.items():
+        lesions = rows[rows.split == which].lesion_id.to_numpy()
+        metrics[which] = {
+            **classification_metrics(labels[which], p),
+            "ece": expected_calibration_error(labels[which], p),
+            "ci95": lesion_bootstrap(labels[which], p, lesions, 200),
+        }
+    summary = {"model": "cnn", "parameters": 1000, "image_size": [75, 100], "epochs_run": 3, "best_epoch": 2}
+    release = {"images": 4500, "lesions": 2250, "fingerprint": "f" * 16}
+    card = model_card.render("lesionml", "3", summary, metrics, release, "", {"architecture": "cnn"})
+    assert "**Operating point: melanoma sensitivity.**" in card
+    assert f"melanoma sensitivity {metrics['test']['mel_sensitivity']:.3f} (95% CI" in card
+    assert f"accuracy {decision['test_change']['accuracy']['change']:+.3f} (95% CI" in card
+    assert f"The served model applies: {decision['rule']}." in card

@@ -10,14 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lesionml.config import MODEL_NAMES, CNNConfig, CNNLSTMConfig, TrainConfig
+from lesionml.config import MODEL_NAMES
 from lesionml.data.normalize import NormStats
 from lesionml.models import _builders, build_model
 from lesionml.training import Checkpoint, WeightAverage, class_weights, fit, learning_rate
+from tests.helpers import config
 
 STATS = NormStats((120.0, 100.0, 90.0), (40.0, 35.0, 30.0), 10)
-TINY_CNN = CNNConfig(filters=(4, 8), convs_per_block=1, dense_units=8)
-TINY_LSTM = CNNLSTMConfig(filters=(4, 8), lstm_units=4, dense_units=4)
+TINY_CNN = config("models.cnn", filters=(4, 8), convs_per_block=1, dense_units=8)
+TINY_LSTM = config("models.cnn_lstm", filters=(4, 8), lstm_units=4, dense_units=4)
 
 
 def test_registry_builds_exactly_the_configurable_models():
@@ -39,7 +40,7 @@ def test_models_map_raw_pixels_to_class_probabilities(name, cfg):
 
 def test_cnn_blocks_take_their_own_conv_counts():
     model = build_model(
-        "cnn", CNNConfig(filters=(4, 8, 8), convs_per_block=(1, 1, 3), dense_units=8), (32, 40), STATS, 7
+        "cnn", config("models.cnn", filters=(4, 8, 8), convs_per_block=(1, 1, 3), dense_units=8), (32, 40), STATS, 7
     )
     convs = [layer.name for layer in model.layers if "_conv" in layer.name]
     assert convs == ["b0_conv0", "b1_conv0", "b2_conv0", "b2_conv1", "b2_conv2"]
@@ -94,15 +95,17 @@ def test_class_weight_power_interpolates_and_keeps_the_mean_weight_at_one(power)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero_and_plateau_is_stateful():
-    cfg = TrainConfig(epochs=5, learning_rate=0.1, warmup_epochs=1)
+    cfg = config("train", epochs=5, learning_rate=0.1, warmup_epochs=1, lr_schedule="cosine")
     rates = [learning_rate(cfg, e, 0.0) for e in range(5)]
     assert rates[0] == pytest.approx(0.05)  # half-way up during the one warm-up epoch
     assert rates[1] == pytest.approx(0.1)
     assert rates == sorted(rates[:2]) + sorted(rates[2:], reverse=True)
     assert rates[-1] > 0 and rates[-1] < 0.02
-    single = TrainConfig(epochs=1, learning_rate=0.1, warmup_epochs=3)  # warm-up never eats the only epoch
+    single = config(
+        "train", epochs=1, learning_rate=0.1, warmup_epochs=3, lr_schedule="cosine"
+    )  # warm-up never eats the only epoch
     assert learning_rate(single, 0, 0.0) == pytest.approx(0.1)
-    assert learning_rate(TrainConfig(lr_schedule="plateau"), 7, 0.004) == 0.004
+    assert learning_rate(config("train", lr_schedule="plateau"), 7, 0.004) == 0.004
 
 
 def _data(n=48, seed=0):
@@ -117,7 +120,7 @@ def test_fit_restores_best_epoch_and_writes_complete_model(tmp_path, precision):
     import keras
 
     x, y = _data()
-    cfg = TrainConfig(epochs=3, batch_size=16, early_stopping_patience=5, precision=precision)
+    cfg = config("train", epochs=3, batch_size=16, early_stopping_patience=5, precision=precision, monitor="val_loss")
     model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7, precision)
     result = fit(model, (x, y), (x[:16], y[:16]), cfg, tmp_path / "work", tmp_path / "model.keras", n_classes=7)
     history = pd.read_csv(result.history_path)
@@ -131,7 +134,7 @@ def test_fit_restores_best_epoch_and_writes_complete_model(tmp_path, precision):
 
 def test_interrupted_training_resumes_from_last_epoch(tmp_path):
     x, y = _data()
-    cfg = TrainConfig(epochs=3, batch_size=16)
+    cfg = config("train", epochs=3, batch_size=16)
 
     def crash_after_second_epoch(epoch: int, metrics: dict) -> None:
         if epoch == 2:
@@ -200,7 +203,7 @@ def test_with_weight_averaging_the_saved_model_holds_the_average_not_the_live_we
     import keras
 
     x, y = _data()
-    cfg = TrainConfig(epochs=1, batch_size=8, ema_decay=0.9)  # one epoch: it is the best epoch
+    cfg = config("train", epochs=1, batch_size=8, ema_decay=0.9)  # one epoch: it is the best epoch
     model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
     fit(model, (x, y), (x[:16], y[:16]), cfg, tmp_path / "work", tmp_path / "model.keras", n_classes=7)
     with np.load(tmp_path / "work" / "checkpoint.npz") as npz:
@@ -219,7 +222,7 @@ def test_with_weight_averaging_the_saved_model_holds_the_average_not_the_live_we
 
 def test_a_checkpoint_of_another_architecture_is_not_loaded(tmp_path, capsys):
     x, y = _data()
-    cfg = TrainConfig(epochs=1, batch_size=16)
+    cfg = config("train", epochs=1, batch_size=16)
     fit(
         build_model("cnn", TINY_CNN, (32, 40), STATS, 7),
         (x, y),
@@ -229,7 +232,7 @@ def test_a_checkpoint_of_another_architecture_is_not_loaded(tmp_path, capsys):
         tmp_path / "a.keras",
         n_classes=7,
     )
-    other = build_model("cnn", CNNConfig(filters=(4, 8, 16), dense_units=8), (32, 40), STATS, 7)
+    other = build_model("cnn", config("models.cnn", filters=(4, 8, 16), dense_units=8), (32, 40), STATS, 7)
     other.compile(optimizer="adamw", loss="categorical_crossentropy")
     other.optimizer.build(other.trainable_variables)
     assert Checkpoint(tmp_path).load(other) is None
@@ -238,16 +241,16 @@ def test_a_checkpoint_of_another_architecture_is_not_loaded(tmp_path, capsys):
 
 DETERMINISM_SCRIPT = """
 import sys, numpy as np
-from lesionml.config import CNNConfig, TrainConfig
+from tests.helpers import config
 from lesionml.data.normalize import NormStats
 from lesionml.models import build_model
 from lesionml.training import fit, seed_everything
 seed_everything(7, deterministic=True)
 rng = np.random.default_rng(0)
 x = rng.integers(0, 255, (32, 24, 24, 3)).astype(np.uint8); y = rng.integers(0, 7, 32)
-model = build_model("cnn", CNNConfig(filters=(4,), convs_per_block=1, dense_units=4), (24, 24),
+model = build_model("cnn", config("models.cnn", filters=(4,), convs_per_block=1, dense_units=4), (24, 24),
                     NormStats((0.,0.,0.), (1.,1.,1.), 1), 7)
-fit(model, (x, y), (x, y), TrainConfig(epochs=2, batch_size=8, seed=7, deterministic=True),
+fit(model, (x, y), (x, y), config("train", epochs=2, batch_size=8, seed=7, deterministic=True),
     __import__("pathlib").Path(sys.argv[1]), __import__("pathlib").Path(sys.argv[2]), n_classes=7)
 np.save(sys.argv[3], np.concatenate([w.ravel() for w in model.get_weights()]))
 """
@@ -256,29 +259,29 @@ np.save(sys.argv[3], np.concatenate([w.ravel() for w in model.get_weights()]))
 RESUME_SCRIPT = """
 import sys, numpy as np
 from pathlib import Path
-from lesionml.config import AugmentConfig, CNNConfig, TrainConfig
+from tests.helpers import config
 from lesionml.data.normalize import NormStats
 from lesionml.models import build_model
 from lesionml.training import fit, seed_everything
 work, interrupt, out, ema = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3], float(sys.argv[4])
 rng = np.random.default_rng(0)
 x = rng.integers(0, 255, (32, 24, 24, 3)).astype(np.uint8); y = rng.integers(0, 7, 32)
-cfg = TrainConfig(epochs=3, batch_size=8, seed=7, deterministic=True, label_smoothing=0.1, class_weight_power=0.5,
+cfg = config("train", epochs=3, batch_size=8, seed=7, deterministic=True, label_smoothing=0.1, class_weight_power=0.5,
                   ema_decay=ema)
 def model():
     seed_everything(7, deterministic=True)
-    return build_model("cnn", CNNConfig(filters=(4,), convs_per_block=1, dense_units=4, dropout=0.3), (24, 24),
+    return build_model("cnn", config("models.cnn", filters=(4,), convs_per_block=1, dense_units=4, dropout=0.3), (24, 24),
                        NormStats((0.,0.,0.), (1.,1.,1.), 1), 7)
 def crash(epoch, metrics):
     if epoch == 2:
         raise KeyboardInterrupt
 if interrupt:
     try:
-        fit(model(), (x, y), (x, y), cfg, work, work / "m.keras", augment=AugmentConfig(), n_classes=7, epoch_hooks=[crash])
+        fit(model(), (x, y), (x, y), cfg, work, work / "m.keras", augment=config("augment"), n_classes=7, epoch_hooks=[crash])
     except KeyboardInterrupt:
         pass
 m = model()
-fit(m, (x, y), (x, y), cfg, work, work / "m.keras", augment=AugmentConfig(), n_classes=7)
+fit(m, (x, y), (x, y), cfg, work, work / "m.keras", augment=config("augment"), n_classes=7)
 np.save(out, np.concatenate([np.asarray(v).ravel() for v in m.weights]))
 """
 

@@ -10,6 +10,7 @@ import pytest
 from lesionml.config import AugmentConfig
 from lesionml.data.augment import augment_batch, describe, make_dataset, transformations
 from lesionml.data.normalize import NormStats, fit_stats
+from tests.helpers import config
 
 ALL = ["horizontal_flip", "vertical_flip", "rotation", "zoom", "shift", "brightness", "contrast"]
 
@@ -62,6 +63,16 @@ def test_apply_standardises_as_float32(pixels):
 
 # --- augmentation ----------------------------------------------------------------------
 
+ON = {
+    "seed": 42,
+    "horizontal_flip": True,
+    "vertical_flip": True,
+    "rotation_degrees": 180,
+    "shift_fraction": 0.1,
+    "zoom_fraction": 0.1,
+    "brightness": 0.1,
+    "contrast": 0.1,
+}
 OFF = {
     "horizontal_flip": False,
     "vertical_flip": False,
@@ -74,7 +85,11 @@ OFF = {
 
 
 def _only(**switches) -> AugmentConfig:
-    return AugmentConfig(**{**OFF, **switches})
+    return config("augment", **{**OFF, **switches})
+
+
+def _on(**switches) -> AugmentConfig:
+    return config("augment", **{**ON, **switches})
 
 
 def _augment(x: np.ndarray, cfg: AugmentConfig, seed=(1, 0)) -> np.ndarray:
@@ -83,9 +98,9 @@ def _augment(x: np.ndarray, cfg: AugmentConfig, seed=(1, 0)) -> np.ndarray:
     return np.asarray(augment_batch(tf.constant(x, tf.float32), tf.constant(seed, tf.int64), cfg))
 
 
-def test_default_params_turn_on_every_transformation_and_describe_lists_them():
-    assert transformations(AugmentConfig()) == ALL
-    spec = describe(AugmentConfig())
+def test_every_switch_on_gives_every_transformation_and_describe_lists_them():
+    assert transformations(_on()) == ALL
+    spec = describe(_on())
     assert spec["transformations"] == ALL and spec["params"]["seed"] == 42
     json.dumps(spec)  # written as spec.json
     assert transformations(_only()) == []
@@ -104,7 +119,7 @@ def test_default_params_turn_on_every_transformation_and_describe_lists_them():
     ],
 )
 def test_each_switch_removes_exactly_its_transformation(switch, name):
-    assert transformations(AugmentConfig(**switch)) == [t for t in ALL if t != name]
+    assert transformations(_on(**switch)) == [t for t in ALL if t != name]
 
 
 def test_everything_off_is_the_identity(pixels):
@@ -159,10 +174,10 @@ def test_brightness_goes_both_ways(mid_grey_batch):
 
 
 def test_a_seed_gives_the_same_views_and_another_seed_other_views(pixels):
-    a, b = _augment(pixels, AugmentConfig(), (3, 0)), _augment(pixels, AugmentConfig(), (3, 0))
+    a, b = _augment(pixels, _on(), (3, 0)), _augment(pixels, _on(), (3, 0))
     np.testing.assert_array_equal(a, b)
-    assert not np.allclose(a, _augment(pixels, AugmentConfig(), (4, 0)))
-    assert not np.allclose(a, _augment(pixels, AugmentConfig(), (3, 1)))
+    assert not np.allclose(a, _augment(pixels, _on(), (4, 0)))
+    assert not np.allclose(a, _augment(pixels, _on(), (3, 1)))
 
 
 # --- the tf.data pipeline ------------------------------------------------------------
@@ -200,7 +215,7 @@ def test_shuffled_dataset_keeps_image_label_pairs(pixels):
 
 
 def _epoch(pixels: np.ndarray, seed: int) -> list[np.ndarray]:
-    ds = make_dataset(pixels, np.arange(len(pixels)), 8, augment=AugmentConfig(seed=3), seed=seed)
+    ds = make_dataset(pixels, np.arange(len(pixels)), 8, augment=_on(seed=3), seed=seed)
     return [np.asarray(x) for x, _ in ds]
 
 
@@ -215,7 +230,7 @@ def test_augmented_epochs_are_repeatable_per_seed_and_fresh_across_seeds(pixels)
 
 def test_iterating_one_dataset_twice_gives_the_same_epoch(pixels):
     """The order and the views belong to the dataset's seed, not to how often it was read."""
-    ds = make_dataset(pixels, np.arange(len(pixels)), 8, augment=AugmentConfig(seed=3), seed=5)
+    ds = make_dataset(pixels, np.arange(len(pixels)), 8, augment=_on(seed=3), seed=5)
     first, second = ([np.asarray(x) for x, _ in ds] for _ in range(2))
     for x, y in zip(first, second, strict=True):
         np.testing.assert_array_equal(x, y)
@@ -223,4 +238,4 @@ def test_iterating_one_dataset_twice_gives_the_same_epoch(pixels):
 
 def test_augmentation_without_a_seed_is_refused(pixels):
     with pytest.raises(ValueError, match="needs a seed"):
-        make_dataset(pixels, np.arange(len(pixels)), 8, augment=AugmentConfig())
+        make_dataset(pixels, np.arange(len(pixels)), 8, augment=config("augment"))
