@@ -116,6 +116,7 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 images_npz=prep["images"],
                 split_csv=split["split"],
                 stats_json=norm["stats"],
+                metadata_csv=prep["metadata"],
                 run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name}, datasets)),
             )
             evaluated[name] = {"model": trained["model"], "summary": trained["summary"]}
@@ -129,6 +130,7 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 summary_json=trained["summary"],
                 images_npz=prep["images"],
                 split_csv=split["split"],
+                metadata_csv=prep["metadata"],
             )
         if reach >= STAGES.index("register"):
             registered = stage(
@@ -138,6 +140,7 @@ def _pipeline(params: Params, params_file: str, experiment_id: str | None, reach
                 manifest_csv=ingested["manifest"],
                 release_json=ingested["release"],
                 split_csv=split["split"],
+                metadata_csv=prep["metadata"],
                 git_commit=commit,
             )
             decision = json.loads(Path(registered["decision"]["path"]).read_text())

@@ -69,6 +69,15 @@ def _rows(df: pd.DataFrame, mask: pd.Series, column: str) -> list[str]:
 
 def read_metadata(path: Path) -> pd.DataFrame:
     """Read and validate the release CSV; every problem found is reported with its lines."""
+    df = _read_table(path, REQUIRED_COLUMNS)
+    _validate(path, df)
+    return df
+
+
+def _read_table(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> pd.DataFrame:
+    """A metadata CSV as stripped text ("" = missing) with its `required` columns and those
+    of `optional` it has, or one DataError naming the file: not there, empty, not UTF-8, not
+    CSV, a required column missing."""
     if not path.is_file():
         raise DataError(f"{path}: metadata file not found")
     raw = path.read_bytes()
@@ -89,14 +98,12 @@ def read_metadata(path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path}: not a readable CSV ({str(exc).strip()})") from None
     df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns) or 'none'}")
     if df.empty:
         raise DataError(f"{path}: has a header but no rows")
-    df = df[list(REQUIRED_COLUMNS)].apply(lambda s: s.str.strip())
-    _validate(path, df)
-    return df
+    return df[[*required, *(c for c in optional if c in df.columns)]].apply(lambda s: s.str.strip())
 
 
 def _validate(path: Path, df: pd.DataFrame) -> None:
@@ -178,3 +185,17 @@ def check_patient(rows: pd.DataFrame, origin: str, names: Sequence[str]) -> pd.D
             offenders = [f"{names[i]} ({text.at[i, column]!r})" for i in text.index[mask]]
             raise DataError(f"{origin}: {summarize(problem, offenders)}")
     return pd.DataFrame(_clean_patient(text)).astype({"age": np.float64})
+
+
+def read_patient_table(path: Path) -> pd.DataFrame:
+    """A user's patient values for prediction (HAM10000's columns image_id, age, sex,
+    localization; a missing column or empty cell is a missing value), validated and cleaned,
+    indexed by image_id. A bad value is one DataError naming the file and the CSV line."""
+    df = _read_table(path, ("image_id",), PATIENT_COLUMNS)
+    if len(df.columns) == 1:
+        raise DataError(f"{path}: none of the columns {', '.join(PATIENT_COLUMNS)}")
+    repeated = df.image_id[df.image_id.duplicated()]
+    if len(repeated):
+        raise DataError(f"{path}: image_id {repeated.iloc[0]!r} is on more than one line")
+    clean = check_patient(df, str(path), [f"line {i + 2} ({v})" for i, v in enumerate(df.image_id)])
+    return clean.set_index(pd.Index(df.image_id, name="image_id"))

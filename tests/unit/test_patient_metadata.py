@@ -237,3 +237,65 @@ def test_the_model_learns_from_the_metadata_a_model_without_it_cannot(trained, t
         n_classes=4,
     )
     assert pd.read_csv(fitted.history_path).val_accuracy.max() <= 0.45
+
+
+def test_predicted_files_say_whether_their_metadata_was_used_and_gradcam_takes_it(trained):
+    import io
+
+    from PIL import Image
+
+    from lesionml.explain import gradcam
+    from lesionml.inference import image_size, predict_images
+
+    _, _, (val_x, val_rows, _) = trained
+    model = build_model("cnn", CNN, SIZE, STATS, 7, patient=PatientStats.fit(val_rows))  # served: 7 classes
+    assert image_size(model) == SIZE
+    items = []
+    for k in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(val_x[k]).save(buf, format="PNG")
+        items.append((f"img{k}.png", buf.getvalue()))
+    rows = val_rows.head(3)[["age", "sex", "localization"]].astype(object).reset_index(drop=True)
+    rows.loc[2, ["age", "sex", "localization"]] = [np.nan, "", ""]
+    answers = predict_images(model, items, metadata=rows)
+    assert [a.metadata for a in answers] == ["used", "used", "withheld"]
+    expected = predict_proba(model, val_x[:3], metadata=rows)
+    got = np.array([[a.probabilities[c] for c in a.probabilities] for a in answers])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert [a.metadata for a in predict_images(model, items)] == ["withheld"] * 3
+    with pytest.raises(DataError, match=r"^metadata: 1 rows with an age .*: img1.png \('300'\)$"):
+        predict_images(model, items, metadata=rows.assign(age=["40", "300", ""]))
+    maps = gradcam(model, val_x[:3], [0, 1, 2], metadata=rows)
+    assert maps.shape == (3, *SIZE) and np.isfinite(maps).all()
+
+
+def test_a_users_patient_table_is_validated_naming_the_file_and_line(tmp_path):
+    from lesionml.data.metadata import read_patient_table
+
+    path = tmp_path / "patients.csv"
+    path.write_text("image_id,age,sex,localization,dx\nISIC_1,45,Male,back,nv\nISIC_2,,,,mel\n")
+    table = read_patient_table(path)
+    assert table.loc["ISIC_1"].tolist() == [45.0, "male", "back"]
+    assert np.isnan(table.loc["ISIC_2", "age"]) and table.loc["ISIC_2", "sex"] == "unknown"
+    for line, problem in (("ISIC_2,300,male,back", "an age"), ("ISIC_2,40,male,belly", "a localization")):
+        path.write_text(f"image_id,age,sex,localization\nISIC_1,45,male,back\n{line}\n")
+        with pytest.raises(DataError) as err:
+            read_patient_table(path)
+        assert str(err.value).startswith(f"{path}: 1 rows with {problem}") and "line 3 (ISIC_2)" in str(err.value)
+    path.write_text("image_id,age\nISIC_1,45\nISIC_1,50\n")
+    with pytest.raises(DataError, match="image_id 'ISIC_1' is on more than one line"):
+        read_patient_table(path)
+    path.write_text("image_id,dx\nISIC_1,nv\n")
+    with pytest.raises(DataError, match="none of the columns age, sex, localization"):
+        read_patient_table(path)
+
+
+def test_the_training_identity_holds_the_patient_table_only_when_given():
+    from lesionml.provenance import model_identity
+
+    image_only = model_identity("cnn", PARAMS, "a", "b", "c")
+    assert model_identity("cnn", PARAMS, "a", "b", "c", None) == image_only
+    assert model_identity("cnn", PARAMS, "a", "b", "c", "d") not in (
+        image_only,
+        model_identity("cnn", PARAMS, "a", "b", "c", "e"),
+    )
