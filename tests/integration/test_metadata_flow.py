@@ -98,8 +98,11 @@ def test_predict_with_metadata_gives_the_evaluated_probabilities(meta_run, tmp_p
     csv = tmp_path / "patients.csv"
     rows.to_csv(csv, index=False)  # the fourth image has no row
 
-    assert main(["predict", str(folder), "--json", "--metadata", str(csv), "--params", str(params_file)]) == 0
+    explained = tmp_path / "explained"
+    argv = ["predict", str(folder), "--json", "--metadata", str(csv), "--explain", str(explained)]
+    assert main([*argv, "--params", str(params_file)]) == 0
     answers = {Path(a["source"]).stem: a for a in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert sorted(p.stem for p in explained.iterdir()) == sorted(test.index)  # Grad-CAM with the same inputs
     probabilities = [c for c in test.columns if c.startswith("p_")]
     for image_id in test.index[:3]:
         assert answers[image_id]["metadata"] == "used"
