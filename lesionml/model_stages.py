@@ -137,7 +137,7 @@ def _train(
     # Resumable state lives in a folder keyed by everything that defines the trained model.
     out = ws.model_dir(name)
     identity = model_identity(
-        name, params, images.sha256, split.sha256, stats.sha256, metadata.sha256 if meta_cfg and metadata else None
+        name, params, images.sha256, split.sha256, stats.sha256, metadata.sha256 if meta_rows else None
     )
     workdir = out / ".work" / identity
     print(
@@ -247,8 +247,7 @@ def evaluate(
     if uses_metadata(model) and metadata is None:
         raise ValueError(f"{name} has metadata inputs: evaluation needs preprocess's metadata table")
     patient = {
-        which: patient_rows(metadata, rows) if uses_metadata(model) and metadata else None
-        for which, (_, rows) in splits.items()
+        which: patient_rows(metadata, rows) if uses_metadata(model) else None for which, (_, rows) in splits.items()
     }
     raw = {which: predict_proba(model, x, cfg.tta, metadata=patient[which]) for which, (x, _) in splits.items()}
     labels = {which: _labels(rows) for which, (_, rows) in splits.items()}
