@@ -143,18 +143,21 @@ def plain_pipeline(params_file: Path, overrides: list[str]) -> int:
                 run_id,
                 on_epoch=tracking.epoch_logger(run_id),
                 on_trained=functools.partial(tracking.log_training, run_id),
+                metadata=prep["metadata"],
             )
         step(f"train.{name}")
         model, summary = trained.artifacts["model"], trained.artifacts["summary"]
-        result = model_stages.evaluate(name, model, summary, prep["images"], split["split"], ws, params.evaluate)
+        result = model_stages.evaluate(
+            name, model, summary, prep["images"], split["split"], ws, params.evaluate, metadata=prep["metadata"]
+        )
         tracking.log_evaluation(result)
         evaluated[name] = {"model": model, "summary": summary} | result.artifacts
         step(f"evaluate.{name}")
     model_name = params.registry.model_name
     offer = model_stages.registration(
-        evaluated, ingested["manifest"], ingested["release"], split["split"], params, commit
+        evaluated, ingested["manifest"], ingested["release"], split["split"], params, commit, prep["metadata"]
     )
-    champion = tracking.champion_predictions(model_name, offer.test.images)
+    champion = tracking.champion_predictions(model_name, offer.test.images, offer.test.patient)
     versions = tracking.register_versions(offer, model_name, params.evaluate.tta)
     registered = model_stages.register(offer, versions, champion, ws, params)
     tracking.log_registration(model_name, offer, registered)

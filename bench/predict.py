@@ -38,7 +38,7 @@ def main() -> int:
     from lesionml import tracking
     from lesionml.config import load_params
     from lesionml.data.images import load_images
-    from lesionml.inference import predict_proba
+    from lesionml.inference import image_size, predict_proba
 
     files = sorted(args.source.glob("*.jpg"))[: args.images]
     if len(files) < args.images:
@@ -73,7 +73,7 @@ def main() -> int:
 
     served = tracking.load_pyfunc(f"models:/{args.model}").unwrap_python_model()
     model = served.model
-    size = tuple(model.input_shape[1:3])
+    size = image_size(model)
     arrays = load_images([(str(f), "") for f in files], size, 40_000_000).astype(np.float32)
     model.predict(arrays[:64], verbose=0)  # warm-up: graph tracing
     started = time.perf_counter()

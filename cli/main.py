@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT_DIR",
         help="also write a Grad-CAM overlay PNG per image into OUT_DIR: where the model saw the class it answered",
     )
+    predict.add_argument(
+        "--metadata",
+        metavar="FILE.csv",
+        help="the patients' image_id, age, sex, localization (HAM10000's columns), for a model that takes "
+        "them; an image is matched by its file name without extension, one without a row goes without",
+    )
     predict.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
     compare = sub.add_parser("compare", help="table of the models of the last run(s), logged to MLflow too")
     compare.add_argument("--last", type=int, default=1, help="pipeline runs to include (default 1)")
@@ -318,18 +324,31 @@ def _predict(args: argparse.Namespace) -> int:
     files = expand_inputs(args.inputs)
     if not files:
         raise LesionMLError(f"no image files in {' '.join(args.inputs)}")
+    # Read before the model loads: a bad value stops here, naming the line, in a second.
+    patient = None
+    if args.metadata:
+        from lesionml.data.metadata import PATIENT_COLUMNS, read_patient_table
+
+        table = read_patient_table(Path(args.metadata))
+        # Images without a row get empty values: the withheld path.
+        patient = table.reindex([f.stem for f in files]).reset_index(drop=True)
+        patient[["sex", "localization"]] = patient[["sex", "localization"]].fillna("")
+        patient = patient[list(PATIENT_COLUMNS)]
     _quiet_environment()
     model = tracking.load_pyfunc(f"models:/{name}@{alias}")
     items = read_files(files)
-    out = model.predict(pd.DataFrame({"image": [data if data is not None else b"" for _, data in items]}))
+    request = pd.DataFrame({"image": [data if data is not None else b"" for _, data in items]})
+    out = model.predict(request if patient is None else pd.concat([request, patient], axis=1))
     served = model.unwrap_python_model()  # the registered LesionClassifier: its Keras model and rule
     print(f"{name}@{alias}: decision rule: {served.rule}", file=sys.stderr)
+    if patient is not None and "metadata" in out.columns and not out.metadata.any():
+        print(f"{name}@{alias} takes no patient metadata: --metadata is ignored", file=sys.stderr)
     explained = [None] * len(items)
     if args.explain:
         from lesionml.explain import explain_files
 
         answers = [row.predicted if not row.error else None for row in out.itertuples(index=False)]
-        explained = explain_files(served.model, items, answers, Path(args.explain))
+        explained = explain_files(served.model, items, answers, Path(args.explain), metadata=patient)
     failed = 0
     for (source, data), row, overlay in zip(items, out.itertuples(index=False), explained, strict=True):
         error = row.error.replace("image[", "").split("]: ", 1)[-1] if row.error else ""
@@ -343,6 +362,7 @@ def _predict(args: argparse.Namespace) -> int:
             )
             continue
         proba = {c: float(getattr(row, f"p_{c}")) for c in CLASSES}
+        used = getattr(row, "metadata", "")  # "used"/"withheld" for a model with metadata inputs
         if args.json:
             print(
                 json.dumps(
@@ -351,13 +371,17 @@ def _predict(args: argparse.Namespace) -> int:
                         "predicted": row.predicted,
                         "name": CLASS_NAMES[row.predicted],
                         "probabilities": proba,
+                        **({"metadata": used} if used else {}),
                         **({"explanation": str(overlay)} if overlay else {}),
                     }
                 )
             )
         else:
             ranked = "  ".join(f"{c} {p:.3f}" for c, p in sorted(proba.items(), key=lambda kv: -kv[1]))
-            print(f"{source}: {row.predicted} ({CLASS_NAMES[row.predicted]}, {proba[row.predicted]:.1%})  |  {ranked}")
+            note = {"used": "  |  metadata used", "withheld": "  |  (no metadata: withheld path)"}.get(used, "")
+            print(
+                f"{source}: {row.predicted} ({CLASS_NAMES[row.predicted]}, {proba[row.predicted]:.1%})  |  {ranked}{note}"
+            )
     if args.explain:
         print(f"Grad-CAM overlays: {sum(p is not None for p in explained)} in {args.explain}", file=sys.stderr)
     if failed:

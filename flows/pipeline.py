@@ -128,6 +128,7 @@ def _pipeline(
                 images_npz=prep["images"],
                 split_csv=split["split"],
                 stats_json=norm["stats"],
+                metadata_csv=prep["metadata"],
                 run=asdict(tracking.RunContext(experiment_id, parent, {"lesionml.model": name}, datasets)),
             )
             evaluated[name] = {"model": trained["model"], "summary": trained["summary"]}
@@ -142,6 +143,7 @@ def _pipeline(
                 summary_json=trained["summary"],
                 images_npz=prep["images"],
                 split_csv=split["split"],
+                metadata_csv=prep["metadata"],
             )
 
         if runner is None:
@@ -163,6 +165,7 @@ def _pipeline(
                 manifest_csv=ingested["manifest"],
                 release_json=ingested["release"],
                 split_csv=split["split"],
+                metadata_csv=prep["metadata"],
                 git_commit=commit,
             )
             decision = json.loads(Path(registered["decision"]["path"]).read_text())

@@ -72,6 +72,20 @@ class AugmentConfig(_Section):
 MODEL_NAMES = ("cnn", "cnn_lstm")
 
 
+class MetadataConfig(_Section):
+    """Patient age, sex and lesion site as extra model inputs, fused with the image features.
+
+    `dense_units`: the width of the dense layer on the encoded metadata. `withhold`: the
+    fraction of training images whose metadata is hidden in each epoch (a fresh draw per
+    epoch), so the model also answers well without it. Never the diagnosis type (dx_type):
+    how a diagnosis was confirmed leaks the diagnosis.
+    """
+
+    enabled: bool
+    dense_units: int = Field(ge=1, le=1024)
+    withhold: float = Field(ge=0, lt=1)
+
+
 class _ModelSection(_Section):
     """A model's architecture, plus `train`: settings of the train section for this model only.
 
@@ -80,6 +94,8 @@ class _ModelSection(_Section):
     """
 
     train: dict[str, Any] = Field(default_factory=dict)
+    # Absent: image only, as with `enabled: false`.
+    metadata: MetadataConfig | None = None
 
     @field_validator("train")
     @classmethod

@@ -25,6 +25,7 @@ from lesionml.plots import figure_grid, save_figure
 
 if TYPE_CHECKING:
     import keras
+    import pandas as pd
 
 
 def last_conv_layer(model: keras.Model) -> keras.layers.Layer:
@@ -71,14 +72,25 @@ def _probe(model: keras.Model) -> tuple[keras.Model, keras.layers.Dense]:
     return keras.Model(inputs, [feature_map, x]), head
 
 
-def gradcam(model: keras.Model, images: np.ndarray, classes: Sequence[int], batch_size: int = 32) -> np.ndarray:
+def gradcam(
+    model: keras.Model,
+    images: np.ndarray,
+    classes: Sequence[int],
+    batch_size: int = 32,
+    metadata: pd.DataFrame | None = None,
+) -> np.ndarray:
     """Heatmaps (N, H, W) in [0, 1] of uint8 images (N, H, W, 3) for one class index each.
 
     Each map is scaled to its own maximum (all zeros where no location raises the logit),
     at the input image's size, so it overlays the image the model saw pixel for pixel.
+    A model with the metadata branch is given `metadata` (one row per image; None: withheld),
+    so the map explains the answer it gave with the inputs it was given.
     """
     import tensorflow as tf
 
+    from lesionml.models.patient import patient_inputs, uses_metadata
+
+    extra = patient_inputs(metadata, len(images)) if uses_metadata(model) else None
     probe, head = _probe(model)
     kernel = tf.cast(head.kernel, tf.float32)
     bias = tf.cast(head.bias, tf.float32)
@@ -86,6 +98,8 @@ def gradcam(model: keras.Model, images: np.ndarray, classes: Sequence[int], batc
     out = np.zeros(images.shape[:3], np.float32)
     for start in range(0, len(images), batch_size):
         x = tf.convert_to_tensor(images[start : start + batch_size], tf.float32)
+        if extra is not None:
+            x = {"image": x, **{k: tf.convert_to_tensor(v[start : start + batch_size]) for k, v in extra.items()}}
         chosen = tf.one_hot(np.asarray(classes[start : start + batch_size], np.int64), kernel.shape[1])
         with tf.GradientTape() as tape:
             feature_map, features = probe(x, training=False)
@@ -166,12 +180,14 @@ def evaluation_figures(
     out: Path,
     per_class: int = 8,
     mistakes: int = 12,
+    metadata: pd.DataFrame | None = None,
 ) -> list[str]:
     """Grad-CAM figures of one split; returns their file names in `out`.
 
     One grid per class of its most confidently right images (what the model looks at when
     it is right), and one of the most confident mistakes, each explained for the class the
-    model wrongly answered (what misled it). `proba` are the decisions as served.
+    model wrongly answered (what misled it). `proba` are the decisions as served, made with
+    `metadata` (one row per image) for a model with the metadata branch.
     """
     predicted = proba.argmax(axis=1)
     confidence = proba.max(axis=1)
@@ -186,7 +202,9 @@ def evaluation_figures(
     }
     groups[f"{prefix}_gradcam_mistakes.png"] = (wrong[:mistakes], f"Grad-CAM of the most confident mistakes: {label}")
     picked = np.concatenate([indices for indices, _ in groups.values()])
-    heatmaps = dict(zip(picked.tolist(), gradcam(model, images[picked], predicted[picked]), strict=True))
+    rows = None if metadata is None else metadata.iloc[picked].reset_index(drop=True)
+    maps = gradcam(model, images[picked], predicted[picked], metadata=rows)
+    heatmaps = dict(zip(picked.tolist(), maps, strict=True))
     for name, (indices, title) in groups.items():
         titles = [f"{CLASSES[y_true[i]]}->{CLASSES[predicted[i]]} {confidence[i]:.2f}" for i in indices]
         maps = np.array([heatmaps[i] for i in indices]).reshape(len(indices), *images.shape[1:3])
@@ -195,19 +213,25 @@ def evaluation_figures(
 
 
 def explain_files(
-    model: keras.Model, items: Sequence[tuple[str, bytes | None]], answers: Sequence[str | None], out_dir: Path
+    model: keras.Model,
+    items: Sequence[tuple[str, bytes | None]],
+    answers: Sequence[str | None],
+    out_dir: Path,
+    metadata: pd.DataFrame | None = None,
 ) -> list[Path | None]:
     """One overlay PNG in `out_dir` per (name, bytes) item, explaining the class it was answered
     (`answers`, None for an item that could not be predicted, which gets no file).
 
     Files are named after the image (`<stem>.png`, `<stem>-2.png` for a second image of that
     name), so a folder of explanations reads like the folder of images it explains.
+    `metadata` (one row per item, as predicted with) goes to a model with the metadata branch.
     """
-    from lesionml.inference import decode_items
+    from lesionml.inference import decode_items, image_size
 
     wanted = [(name, data if answer else None) for (name, data), answer in zip(items, answers, strict=True)]
-    images, ok, _ = decode_items(wanted, model.input_shape[1:3])
-    heatmaps = gradcam(model, images, [CLASSES.index(answers[k]) for k in ok])
+    images, ok, _ = decode_items(wanted, image_size(model))
+    rows = None if metadata is None else metadata.iloc[ok].reset_index(drop=True)
+    heatmaps = gradcam(model, images, [CLASSES.index(answers[k]) for k in ok], metadata=rows)
     paths: list[Path | None] = [None] * len(items)
     taken: set[str] = set()
     for k, image, heatmap in zip(ok, images, heatmaps, strict=True):

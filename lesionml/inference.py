@@ -21,6 +21,7 @@ from lesionml.errors import DataError
 
 if TYPE_CHECKING:
     import keras
+    import pandas as pd
 
 MAX_PIXELS = 40_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -32,6 +33,7 @@ class Prediction:
     predicted: str | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    metadata: str | None = None  # "used" or "withheld" for a model with the metadata branch, else None
 
     @property
     def name(self) -> str | None:
@@ -45,7 +47,7 @@ class Prediction:
             "predicted": self.predicted,
             "name": self.name,
             "probabilities": self.probabilities,
-        }
+        } | ({"metadata": self.metadata} if self.metadata else {})
 
 
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
@@ -59,7 +61,18 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def predict_proba(model: keras.Model, images: np.ndarray, tta: bool = False, batch_size: int = 128) -> np.ndarray:
+def image_size(model: keras.Model) -> tuple[int, int]:
+    """(height, width) of the model's image input, which is its first input with or without metadata."""
+    return tuple(int(d) for d in model.inputs[0].shape[1:3])
+
+
+def predict_proba(
+    model: keras.Model,
+    images: np.ndarray,
+    tta: bool = False,
+    batch_size: int = 128,
+    metadata: pd.DataFrame | None = None,
+) -> np.ndarray:
     """Class probabilities of uint8 images (N, H, W, 3), as float64 rows summing to 1.
 
     With `tta`, the average over the image and its three mirror images (horizontal,
@@ -67,13 +80,21 @@ def predict_proba(model: keras.Model, images: np.ndarray, tta: bool = False, bat
     and averaging them removes some of the model's orientation noise. Evaluation, the
     registry's champion re-run, `lesionml predict` and the served model all come here, so
     reported metrics are those of what is deployed.
+
+    `metadata`: for a model with the metadata branch, one row per image (age, sex,
+    localization; image_id, when present, names a bad row), every view getting its image's
+    row. None, or a row with every value missing, takes the withheld path. A model without
+    the branch ignores it.
     """
     from lesionml.data.augment import make_dataset
+    from lesionml.models.patient import patient_inputs, uses_metadata
 
+    inputs = patient_inputs(metadata, len(images)) if uses_metadata(model) else None
     views = [images] + ([images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]] if tta else [])
     proba = sum(
         np.asarray(
-            model.predict(make_dataset(np.ascontiguousarray(v), batch_size=batch_size), verbose=0), dtype=np.float64
+            model.predict(make_dataset(np.ascontiguousarray(v), batch_size=batch_size, inputs=inputs), verbose=0),
+            dtype=np.float64,
         )
         for v in views
     )
@@ -131,17 +152,31 @@ def predict_images(
     batch_size: int = 64,
     temperature: float = 1.0,
     offsets: Sequence[float] | None = None,
+    metadata: pd.DataFrame | None = None,
 ) -> list[Prediction]:
-    """(name, bytes) pairs -> one Prediction each, in order; bytes=None means unreadable."""
+    """(name, bytes) pairs -> one Prediction each, in order; bytes=None means unreadable.
+
+    `metadata`: age, sex and localization, one row per item (None: none for any). A model
+    with the metadata branch uses an item's row, or takes the withheld path when all three
+    are missing, and each Prediction says which; a bad value is a DataError naming the item.
+    """
+    from lesionml.models.patient import PRESENT, patient_inputs, uses_metadata
+
     results = [Prediction(source=name) for name, _ in items]
-    arrays, ok, errors = decode_items(items, model.input_shape[1:3])
+    arrays, ok, errors = decode_items(items, image_size(model))
     for k, error in errors.items():
         results[k].error = error
     if ok:
-        proba = adjust_probabilities(predict_proba(model, arrays, tta, batch_size), temperature, offsets)
-        for k, p in zip(ok, proba, strict=True):
+        rows = None
+        if metadata is not None and uses_metadata(model):
+            rows = metadata.iloc[ok].reset_index(drop=True).assign(image_id=[items[k][0] for k in ok])
+        proba = adjust_probabilities(predict_proba(model, arrays, tta, batch_size, metadata=rows), temperature, offsets)
+        present = patient_inputs(rows, len(ok))[PRESENT][:, 0] if uses_metadata(model) else None
+        for j, (k, p) in enumerate(zip(ok, proba, strict=True)):
             results[k].predicted = CLASSES[int(p.argmax())]
             results[k].probabilities = {c: round(float(v), 6) for c, v in zip(CLASSES, p, strict=True)}
+            if present is not None:
+                results[k].metadata = "used" if present[j] else "withheld"
     return results
 
 

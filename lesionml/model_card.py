@@ -70,6 +70,15 @@ def render(
         )
     if "rule" in decision:
         rule += f"\n\nThe served model applies: {decision['rule']}."
+    if "test_withheld" in metrics:
+        off = metrics["test_withheld"]
+        rule += (
+            "\n\nInputs: the image and the patient's age, sex and lesion site (HAM10000's metadata; an image "
+            "sent without them takes the model's withheld path). The metrics below are with metadata, and the "
+            "decision rule was fitted on validation probabilities computed with it. The same rule with every "
+            f"image's metadata withheld: test accuracy {off['accuracy']:.3f}, balanced accuracy "
+            f"{off['balanced_accuracy']:.3f}, melanoma sensitivity {off['mel_sensitivity']:.3f}."
+        )
     return f"""# Model card: {name} version {version} ({summary["model"]})
 
 ## What it is

@@ -20,9 +20,10 @@ import pandas as pd
 
 from lesionml import explain, model_card, plots
 from lesionml.config import EvaluateConfig, Params, RegistryConfig
-from lesionml.data.metadata import CLASSES
+from lesionml.data.metadata import CLASSES, PATIENT_COLUMNS, check_patient
 from lesionml.data.source import ImageReader
 from lesionml.data.stages import load_split_images, read_csv, read_stats, write_csv
+from lesionml.errors import DataError
 from lesionml.evaluation import (
     classification_metrics,
     expected_calibration_error,
@@ -36,6 +37,7 @@ from lesionml.evaluation import (
 from lesionml.inference import adjust_probabilities, predict_proba
 from lesionml.io import Artifact, write_json, write_text
 from lesionml.models import build_model
+from lesionml.models.patient import PatientStats, enabled, patient_inputs, uses_metadata
 from lesionml.provenance import model_identity, params_digest
 from lesionml.training import EpochHook, fit, seed_everything
 from lesionml.workspace import Workspace
@@ -46,6 +48,16 @@ if TYPE_CHECKING:
 
 def _labels(rows: pd.DataFrame) -> np.ndarray:
     return class_indices(rows.dx)
+
+
+def patient_rows(metadata: Artifact, rows: pd.DataFrame) -> pd.DataFrame:
+    """The preprocessed age, sex and localization of `rows`' images, in their order, with
+    image_id (which names a bad row): what a model with the metadata branch is given."""
+    table = read_csv(metadata).set_index("image_id")
+    missing = rows.image_id[~rows.image_id.isin(table.index)]
+    if len(missing):
+        raise DataError(f"{metadata.path}: {len(missing)} image_ids of the split are missing, e.g. {missing.iloc[0]}")
+    return table.loc[rows.image_id, list(PATIENT_COLUMNS)].reset_index()
 
 
 def class_indices(names) -> np.ndarray:
@@ -62,8 +74,9 @@ class TrainResult:
     params: Params  # the project's params with this model's own train settings applied
     summary: dict  # what summary.json holds
     model: keras.Model
-    example: np.ndarray  # two validation images: the input example of the logged model
+    example: np.ndarray | dict[str, np.ndarray]  # two validation images (and their metadata inputs)
     normalization: dict
+    metadata_encoding: dict | None  # PatientStats fitted on train, for a model with the metadata branch
     record: tuple[Path, ...]  # curves, history and summary: what a person reads about this training
     artifacts: dict[str, Artifact]
 
@@ -78,6 +91,7 @@ def train(
     run_id: str | None = None,
     on_epoch: EpochHook | None = None,
     on_trained: Callable[[TrainResult], None] | None = None,
+    metadata: Artifact | None = None,
 ) -> TrainResult:
     """Train model `name` on the train split, choosing the best epoch on validation.
 
@@ -85,9 +99,10 @@ def train(
     so the evaluate stage can report to the same run. `on_trained` sees the result while the
     resumable state is still on disk: if it fails (the tracking store went away while the
     result was being logged), the next attempt resumes after the last epoch instead of
-    training again from scratch.
+    training again from scratch. `metadata` (preprocess's patient table) is read only by a
+    model whose `metadata.enabled` is on, which needs it.
     """
-    result = _train(name, images, split, stats, ws, params, run_id, on_epoch)
+    result = _train(name, images, split, stats, ws, params, run_id, on_epoch, metadata)
     if on_trained:
         on_trained(result)
     shutil.rmtree(ws.model_dir(name) / ".work", ignore_errors=True)
@@ -103,6 +118,7 @@ def _train(
     params: Params,
     run_id: str | None,
     on_epoch: EpochHook | None,
+    metadata: Artifact | None,
 ) -> TrainResult:
     train_cfg = params.train_for(name)
     seed_everything(train_cfg.seed, train_cfg.deterministic)
@@ -110,10 +126,20 @@ def _train(
     norm = read_stats(stats)
     image_size = (int(train_x.shape[1]), int(train_x.shape[2]))
     model_cfg = getattr(params.models, name)
-    model = build_model(name, model_cfg, image_size, norm, len(CLASSES), train_cfg.precision)
+    meta_cfg = enabled(model_cfg)
+    meta_rows, patient = None, None
+    if meta_cfg:
+        if metadata is None:
+            raise ValueError(f"{name}: metadata is enabled, so training needs preprocess's metadata table")
+        meta_rows = (patient_rows(metadata, train_rows), patient_rows(metadata, val_rows))
+        patient = PatientStats.fit(meta_rows[0])
+    model = build_model(name, model_cfg, image_size, norm, len(CLASSES), train_cfg.precision, patient=patient)
     # Resumable state lives in a folder keyed by everything that defines the trained model.
     out = ws.model_dir(name)
-    workdir = out / ".work" / model_identity(name, params, images.sha256, split.sha256, stats.sha256)
+    identity = model_identity(
+        name, params, images.sha256, split.sha256, stats.sha256, metadata.sha256 if meta_rows else None
+    )
+    workdir = out / ".work" / identity
     print(
         f"training {name}: {len(train_x)} train / {len(val_x)} val images of {image_size[0]}x{image_size[1]}, "
         f"{model.count_params():,} parameters, up to {train_cfg.epochs} epochs"
@@ -128,6 +154,8 @@ def _train(
         augment=params.augment,
         n_classes=len(CLASSES),
         epoch_hooks=[on_epoch] if on_epoch else [],
+        metadata=meta_rows,
+        withhold=meta_cfg.withhold if meta_cfg else 0.0,
     )
     history = pd.read_csv(result.history_path)
     write_csv(out / "history.csv", history)
@@ -144,6 +172,7 @@ def _train(
         f"best_{train_cfg.monitor}": result.best_value,
         "train_seconds": round(result.seconds, 2),
         "train_images_per_second": round(result.train_images_per_second, 1),
+        "metadata": bool(meta_cfg),
     }
     write_json(out / "summary.json", summary)
     return TrainResult(
@@ -151,8 +180,9 @@ def _train(
         params=params.model_copy(update={"train": train_cfg}),
         summary=summary,
         model=model,
-        example=val_x[:2].astype(np.float32),
+        example=_example(val_x[:2], meta_rows[1][:2] if meta_rows else None),
         normalization=norm.to_dict(),
+        metadata_encoding=patient.to_dict() if patient else None,
         record=(out / "curves.png", out / "history.csv", out / "summary.json"),
         artifacts={
             "model": Artifact.of(ws.model_file(name)),
@@ -160,6 +190,13 @@ def _train(
             "summary": Artifact.of(out / "summary.json"),
         },
     )
+
+
+def _example(images: np.ndarray, rows: pd.DataFrame | None) -> np.ndarray | dict[str, np.ndarray]:
+    """The logged model's input example: the images, or a dict of every input by name for a
+    model with the metadata branch."""
+    pixels = images.astype(np.float32)
+    return pixels if rows is None else {"image": pixels, **patient_inputs(rows, len(images))}
 
 
 @dataclass(frozen=True)
@@ -183,8 +220,16 @@ def evaluate(
     split: Artifact,
     ws: Workspace,
     cfg: EvaluateConfig,
+    metadata: Artifact | None = None,
 ) -> EvalResult:
-    """Metrics and predictions of one trained model on the validation and test splits."""
+    """Metrics and predictions of one trained model on the validation and test splits.
+
+    A model with the metadata branch is evaluated with each image's patient values from
+    `metadata` (preprocess's table), as it is served with them, and the decision rule is
+    fitted on those probabilities; the same rule applied with every image's metadata
+    withheld is reported too (`val_withheld`, `test_withheld`): how it answers images that
+    come without it.
+    """
     import keras
 
     model = keras.saving.load_model(model_file.path, safe_mode=True)
@@ -199,7 +244,12 @@ def evaluate(
         f"({'with' if cfg.tta else 'no'} test-time augmentation, {cfg.bootstrap} bootstrap resamples)",
         flush=True,
     )
-    raw = {which: predict_proba(model, x, cfg.tta) for which, (x, _) in splits.items()}
+    if uses_metadata(model) and metadata is None:
+        raise ValueError(f"{name} has metadata inputs: evaluation needs preprocess's metadata table")
+    patient = {
+        which: patient_rows(metadata, rows) if uses_metadata(model) else None for which, (_, rows) in splits.items()
+    }
+    raw = {which: predict_proba(model, x, cfg.tta, metadata=patient[which]) for which, (x, _) in splits.items()}
     labels = {which: _labels(rows) for which, (_, rows) in splits.items()}
     decision = _decision_rule(cfg, read_csv(split), labels, raw)
     for which, (x, rows) in splits.items():
@@ -226,11 +276,23 @@ def evaluate(
             out / f"{which}_mistakes.png",
         )
         figures += [f"{which}_{kind}.png" for kind in ("confusion", "roc", "reliability", "mistakes")]
-        figures += explain.evaluation_figures(model, x, y, proba, label, which, out)  # Grad-CAM
+        figures += explain.evaluation_figures(model, x, y, proba, label, which, out, metadata=patient[which])
     if cfg.temperature_scaling:
         print(
             f"temperature scaling: T {decision['temperature']:.3f} (fitted on val log loss; val ECE "
             f"{decision['raw_ece']['val']:.3f} -> {metrics['val']['ece']:.3f})",
+            flush=True,
+        )
+    if uses_metadata(model):
+        for which, (x, _) in splits.items():
+            withheld = adjust_probabilities(
+                predict_proba(model, x, cfg.tta), decision["temperature"], decision["offsets"]
+            )
+            metrics[f"{which}_withheld"] = classification_metrics(labels[which], withheld)
+        print(
+            f"metadata withheld (the same rule): val balanced accuracy {metrics['val_withheld']['balanced_accuracy']:.3f} "
+            f"(with metadata {metrics['val']['balanced_accuracy']:.3f}), test "
+            f"{metrics['test_withheld']['balanced_accuracy']:.3f} ({metrics['test']['balanced_accuracy']:.3f})",
             flush=True,
         )
     write_json(out / "metrics.json", {**metrics, "decision": decision})
@@ -357,6 +419,7 @@ class TestSet:
     labels: np.ndarray
     lesion_ids: np.ndarray
     images: list[bytes]
+    patient: pd.DataFrame | None  # age, sex, localization per image (cleaned): what a metadata model is sent
 
 
 @dataclass(frozen=True)
@@ -393,9 +456,11 @@ def registration(
     split: Artifact,
     params: Params,
     git_commit: str,
+    metadata: Artifact | None = None,
 ) -> Registration:
     """What to register: every evaluated model (`models[name]` holds its `model`, `summary`,
-    `metrics` and `predictions`), the run's challenger, and the test images to judge it on."""
+    `metrics` and `predictions`), the run's challenger, and the test images to judge it on,
+    with their patient values from `metadata` (preprocess's table) when given."""
     reg = params.registry
     rel = json.loads(Path(release.path).read_text())
     split_rows = read_csv(split)
@@ -437,6 +502,9 @@ def registration(
             labels=_labels(test_rows),
             lesion_ids=test_rows.lesion_id.to_numpy(),
             images=test_bytes,
+            patient=None
+            if metadata is None
+            else check_patient(patient_rows(metadata, test_rows), str(metadata.path), test_rows.image_id.tolist()),
         ),
         release=rel,
         split_table=split_rows.groupby(["dx", "split"]).size().unstack(fill_value=0).to_string(),

@@ -30,11 +30,14 @@ def params_digest(params: Params) -> str:
     return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def model_identity(name: str, params: Params, images: str, split: str, stats: str) -> str:
+def model_identity(name: str, params: Params, images: str, split: str, stats: str, metadata: str | None = None) -> str:
     """What defines a trained model: the sha256 of its image array, split and normalization
     stats, its architecture, the train settings it trains with (its own applied) and the
     augmentation. The train stage's cache key and its resume folder are both this, so a
-    cached model and a resumed one answer to the same settings."""
+    cached model and a resumed one answer to the same settings.
+
+    `metadata`: the sha256 of the patient table, given only for a model with the metadata
+    branch; an image-only model's identity does not hold it, so its caches stay valid."""
     identity = [
         name,
         images,
@@ -44,6 +47,8 @@ def model_identity(name: str, params: Params, images: str, split: str, stats: st
         params.train_for(name).model_dump(mode="json"),
         params.section("augment"),
     ]
+    if metadata is not None:
+        identity.append(metadata)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 

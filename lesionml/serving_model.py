@@ -5,10 +5,13 @@ so loading or serving a registered model never unpickles anything. The Keras wei
 are an artifact loaded with `safe_mode=True`.
 
 Input: a DataFrame with one row per image and a column `image` holding the image bytes
-(or base64 text of them, which is what JSON requests carry) or a column `path`.
+(or base64 text of them, which is what JSON requests carry) or a column `path`, and
+optionally the patient's `age`, `sex` and `localization` (HAM10000's values) for a model
+with the metadata branch: a row with none of them takes the model's withheld path.
 Output: one row per image: predicted class, its full name, the 7 probabilities (after the
 temperature and decision rule fitted at evaluation, if any: prior correction, melanoma
-operating point; `rule` in the model config names it), error.
+operating point; `rule` in the model config names it), error, and `metadata`: "used" or
+"withheld" for a model with the metadata branch, empty for an image-only model.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-from lesionml.data.metadata import CLASSES
+from lesionml.data.metadata import CLASSES, PATIENT_COLUMNS
 
 
 def _as_bytes(value) -> bytes | None:
@@ -58,9 +61,14 @@ class LesionClassifier(PythonModel):
             items = read_files([Path(p) for p in model_input["path"]])
         else:
             raise ValueError("input needs a column 'image' (bytes or base64) or 'path'")
+        given = [c for c in PATIENT_COLUMNS if c in model_input.columns]
+        patient = model_input[given].reset_index(drop=True) if given else None
         rows = []
-        for r in predict_images(self.model, items, self.tta, temperature=self.temperature, offsets=self.offsets):
+        for r in predict_images(
+            self.model, items, self.tta, temperature=self.temperature, offsets=self.offsets, metadata=patient
+        ):
             row = {"predicted": r.predicted or "", "name": r.name or "", "error": r.error or ""}
+            row["metadata"] = r.metadata or ""
             row.update({f"p_{c}": r.probabilities.get(c, float("nan")) for c in CLASSES})
             rows.append(row)
         return pd.DataFrame(rows)

@@ -32,6 +32,7 @@ from lesionml.errors import LesionMLError
 if TYPE_CHECKING:
     import keras
     import numpy as np
+    import pandas as pd
     from mlflow import MlflowClient
 
     from lesionml.model_stages import EvalResult, RegisterResult, Registration, TrainResult
@@ -332,14 +333,17 @@ def model_summary(model: keras.Model) -> str:
 
 
 @_store_call
-def log_keras_model(run_id: str, model: keras.Model, example: np.ndarray) -> str:
-    """Log in MLflow's Keras flavor with signature and input example; returns the model URI."""
+def log_keras_model(run_id: str, model: keras.Model, example: np.ndarray | dict[str, np.ndarray]) -> str:
+    """Log in MLflow's Keras flavor with signature and input example (a dict of every input by
+    name for a model with metadata inputs); returns the model URI."""
     import keras
     import mlflow
     import tensorflow as tf
     from mlflow.models import infer_signature
 
-    signature = infer_signature(example, model.predict(example, verbose=0))
+    # A metadata model's example is a dict holding string arrays, which Keras reads as tensors only.
+    inputs = {k: tf.convert_to_tensor(v) for k, v in example.items()} if isinstance(example, dict) else example
+    signature = infer_signature(example, model.predict(inputs, verbose=0))
     with mlflow.start_run(run_id=run_id):
         info = mlflow.tensorflow.log_model(
             model,
@@ -383,7 +387,15 @@ def log_classifier(
 
     example = pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]})
     output = pd.DataFrame(
-        [{"predicted": "nv", "name": "Melanocytic nevi", "error": "", **{f"p_{c}": 0.0 for c in CLASSES}}]
+        [
+            {
+                "predicted": "nv",
+                "name": "Melanocytic nevi",
+                "error": "",
+                **{f"p_{c}": 0.0 for c in CLASSES},
+                "metadata": "used",
+            }
+        ]
     )
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
@@ -391,9 +403,18 @@ def log_classifier(
             python_model=serving_model.__file__,  # model from code: nothing pickled
             artifacts={"keras_model": str(keras_file)},
             model_config={"tta": tta, "temperature": temperature, "offsets": offsets, "rule": rule},
-            # Either column: `image` (bytes, or base64 text in JSON) or `path` (files the server can read).
+            # Either column: `image` (bytes, or base64 text in JSON) or `path` (files the server can read);
+            # the patient's values are optional, used by a model with the metadata branch.
             signature=ModelSignature(
-                inputs=Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)]),
+                inputs=Schema(
+                    [
+                        ColSpec("string", "image", required=False),
+                        ColSpec("string", "path", required=False),
+                        ColSpec("double", "age", required=False),
+                        ColSpec("string", "sex", required=False),
+                        ColSpec("string", "localization", required=False),
+                    ]
+                ),
                 outputs=infer_signature(example, output).outputs,
             ),
             input_example=example,
@@ -587,6 +608,8 @@ def log_training(run_id: str, result: TrainResult) -> None:
     log_text(run_id, model_summary(result.model), "model_summary.txt")
     log_dict(run_id, result.normalization, "preprocessing/normalization_stats.json")
     log_dict(run_id, {"classes": list(CLASSES), "names": CLASS_NAMES}, "preprocessing/classes.json")
+    if result.metadata_encoding:
+        log_dict(run_id, result.metadata_encoding, "preprocessing/metadata_encoding.json")
     for f in result.record:
         log_artifact(run_id, f, "training")
     log_keras_model(run_id, result.model, result.example)
@@ -605,7 +628,7 @@ def log_evaluation(result: EvalResult) -> None:
         {
             f"eval_{s}_{k}_ci95_{end}": v
             for s, m in metrics.items()
-            for k, ci in m["ci95"].items()
+            for k, ci in m.get("ci95", {}).items()  # the withheld-metadata metrics have no intervals
             for end, v in zip(("low", "high"), ci, strict=True)
         }
     )
@@ -619,15 +642,22 @@ def log_evaluation(result: EvalResult) -> None:
         log_artifact(run_id, f, "evaluation")
 
 
-def champion_predictions(model_name: str, images: list[bytes]) -> tuple[str, list[str]] | None:
+def champion_predictions(
+    model_name: str, images: list[bytes], patient: pd.DataFrame | None = None
+) -> tuple[str, list[str]] | None:
     """The champion's version and its predicted class for each image, served as it is
-    registered (None: no champion yet)."""
+    registered (None: no champion yet). `patient` (age, sex, localization per image) is sent
+    with the images, so a champion with the metadata branch is scored as it was evaluated
+    (an image-only one ignores the columns)."""
     import pandas as pd
 
     champion = alias_version(model_name, "champion")
     if champion is None:
         return None
-    answers = load_pyfunc(f"models:/{model_name}/{champion.version}").predict(pd.DataFrame({"image": images}))
+    request = pd.DataFrame({"image": images})
+    if patient is not None:
+        request = pd.concat([request, patient.reset_index(drop=True)], axis=1)
+    answers = load_pyfunc(f"models:/{model_name}/{champion.version}").predict(request)
     return str(champion.version), answers.predicted.tolist()
 
 

@@ -50,6 +50,9 @@ HISTORY_COLUMNS = (
     "learning_rate",
     "seconds",
 )
+# Validation with every image's metadata withheld, for models with the metadata branch: how
+# the model answers an image that comes without it.
+WITHHELD_COLUMNS = ("val_loss_withheld", "val_accuracy_withheld", "val_balanced_accuracy_withheld")
 EpochHook = Callable[[int, dict[str, float]], None]
 CHECKPOINT = "checkpoint.npz"
 
@@ -230,14 +233,32 @@ def fit(
     augment: AugmentConfig | None = None,
     n_classes: int,
     epoch_hooks: list[EpochHook] | None = None,
+    metadata: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+    withhold: float = 0.0,
 ) -> FitResult:
     """Train `model` and save its best-epoch weights as a complete .keras file at `out_model`.
 
     `workdir` holds the checkpoint and history of this training run: a later call with the
     same workdir resumes after the last finished epoch.
+
+    A model with the metadata branch needs `metadata`: the train and val rows (age, sex,
+    localization; image_id names a bad row), aligned with the images and validated before
+    the first epoch. Each epoch withholds the metadata of a `withhold` share of the training
+    images, drawn with the epoch's seed; the best epoch is chosen with metadata, and the
+    history also records validation with all metadata withheld. Other models ignore both.
     """
     import keras
 
+    from lesionml.models.patient import patient_inputs, uses_metadata, withhold_metadata
+
+    meta = None
+    if uses_metadata(model):
+        if metadata is None:
+            raise ValueError("the model has metadata inputs: pass the train and val rows as `metadata`")
+        meta = (
+            patient_inputs(metadata[0], len(train[0]), "train split"),
+            patient_inputs(metadata[1], len(val[0]), "val split"),
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay),
@@ -269,7 +290,11 @@ def fit(
     )
     weight_of = class_weights(train[1], n_classes, cfg.class_weight_power)
     sample_weights = np.array([weight_of[int(c)] for c in train[1]], dtype=np.float32)
-    val_ds = make_dataset(val[0], batch_size=cfg.batch_size)
+    val_ds = make_dataset(val[0], batch_size=cfg.batch_size, inputs=meta and meta[1])
+    val_withheld_ds = (
+        make_dataset(val[0], batch_size=cfg.batch_size, inputs=patient_inputs(None, len(val[0]))) if meta else None
+    )
+    columns = list(HISTORY_COLUMNS) + (list(WITHHELD_COLUMNS) if meta else [])
     history = workdir / "history.csv"
     hooks = epoch_hooks or []
     for epoch in range(state["epoch"], cfg.epochs):
@@ -287,6 +312,7 @@ def fit(
             sample_weights=sample_weights,
             augment=augment,
             seed=seed,
+            inputs=meta and withhold_metadata(meta[0], withhold, seed),
         )
         tick = time.perf_counter()
         # The dataset shuffles; the callbacks average the weights.
@@ -296,6 +322,9 @@ def fit(
             val_metrics = _validation_metrics(val[1], np.asarray(model.predict(val_ds, verbose=0), dtype=np.float64))
             value = val_metrics[cfg.monitor]
             improved = _improved(cfg.monitor, value, state["best"])
+            if meta:
+                without = np.asarray(model.predict(val_withheld_ds, verbose=0), dtype=np.float64)
+                val_metrics |= {f"{k}_withheld": v for k, v in _validation_metrics(val[1], without).items()}
             if improved:
                 best_weights = [np.array(v) for v in model.variables]
         row = {
@@ -319,11 +348,12 @@ def fit(
         state["averaged_steps"] = average.steps if average else 0
         checkpoint.save(model, best_weights, state, average.averages if average else [])
         with atomic_path(history) as tmp:
-            pd.DataFrame(state["rows"], columns=list(HISTORY_COLUMNS)).to_csv(tmp, index=False)
+            pd.DataFrame(state["rows"], columns=columns).to_csv(tmp, index=False)
+        without = f" (withheld {row['val_balanced_accuracy_withheld']:.4f})" if meta else ""
         print(
             f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {row['loss']:.4f}  acc {row['accuracy']:.4f}  |  "
             f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  "
-            f"val_bal_acc {row['val_balanced_accuracy']:.4f}  |  lr {lr:.2e}  |  "
+            f"val_bal_acc {row['val_balanced_accuracy']:.4f}{without}  |  lr {lr:.2e}  |  "
             f"{seconds:.1f} s, {len(train[0]) / seconds:.0f} img/s",
             flush=True,
         )

@@ -11,15 +11,19 @@ from prefect import task
 from lesionml import model_stages, tracking
 from lesionml.config import Params
 from lesionml.io import Artifact
+from lesionml.models.patient import enabled
 from lesionml.provenance import model_identity
 from lesionml.workspace import Workspace
 from tasks._stage import as_dicts, retry_transient, stage_cache_key
 
 
 def _trained_model(inputs: dict[str, Any]) -> str:
-    """The train key: what defines the trained weights, by the rule its resume folder uses too."""
+    """The train key: what defines the trained weights, by the rule its resume folder uses too
+    (the patient table counts only for a model with the metadata branch)."""
+    params = Params.model_validate(inputs["params"])
     shas = (inputs[k]["sha256"] for k in ("images_npz", "split_csv", "stats_json"))
-    return model_identity(inputs["name"], Params.model_validate(inputs["params"]), *shas)
+    metadata = inputs["metadata_csv"]["sha256"] if enabled(getattr(params.models, inputs["name"])) else None
+    return model_identity(inputs["name"], params, *shas, metadata)
 
 
 @task(
@@ -30,7 +34,14 @@ def _trained_model(inputs: dict[str, Any]) -> str:
     retry_condition_fn=retry_transient,
 )
 def train(
-    name: str, images_npz: dict, split_csv: dict, stats_json: dict, workspace: str, params: dict, run: dict | None
+    name: str,
+    images_npz: dict,
+    split_csv: dict,
+    stats_json: dict,
+    metadata_csv: dict,
+    workspace: str,
+    params: dict,
+    run: dict | None,
 ) -> dict:
     with tracking.model_run(tracking.RunContext.from_dict(run) if run else None, name) as run_id:
         result = model_stages.train(
@@ -43,6 +54,7 @@ def train(
             run_id,
             on_epoch=tracking.epoch_logger(run_id) if run_id else None,
             on_trained=(lambda trained: tracking.log_training(run_id, trained)) if run_id else None,
+            metadata=Artifact(**metadata_csv),
         )
     return as_dicts(result.artifacts, workspace)
 
@@ -54,7 +66,14 @@ def train(
     retry_condition_fn=retry_transient,
 )
 def evaluate(
-    name: str, model_keras: dict, summary_json: dict, images_npz: dict, split_csv: dict, workspace: str, params: dict
+    name: str,
+    model_keras: dict,
+    summary_json: dict,
+    images_npz: dict,
+    split_csv: dict,
+    metadata_csv: dict,
+    workspace: str,
+    params: dict,
 ) -> dict:
     result = model_stages.evaluate(
         name,
@@ -64,6 +83,7 @@ def evaluate(
         Artifact(**split_csv),
         Workspace(Path(workspace)),
         Params.model_validate(params).evaluate,
+        metadata=Artifact(**metadata_csv),
     )
     tracking.log_evaluation(result)
     return as_dicts(result.artifacts, workspace)
@@ -76,7 +96,14 @@ def evaluate(
     retry_condition_fn=retry_transient,
 )
 def register(
-    models: dict, manifest_csv: dict, release_json: dict, split_csv: dict, workspace: str, params: dict, git_commit: str
+    models: dict,
+    manifest_csv: dict,
+    release_json: dict,
+    split_csv: dict,
+    metadata_csv: dict,
+    workspace: str,
+    params: dict,
+    git_commit: str,
 ) -> dict:
     """Register every evaluated model; move `challenger`, and `champion` only on evidence.
 
@@ -93,8 +120,9 @@ def register(
         Artifact(**split_csv),
         p,
         git_commit,
+        metadata=Artifact(**metadata_csv),
     )
-    champion = tracking.champion_predictions(name, offer.test.images)
+    champion = tracking.champion_predictions(name, offer.test.images, offer.test.patient)
     versions = tracking.register_versions(offer, name, p.evaluate.tta)
     result = model_stages.register(offer, versions, champion, Workspace(Path(workspace)), p)
     tracking.log_registration(name, offer, result)

@@ -114,20 +114,23 @@ def make_dataset(
     sample_weights: np.ndarray | None = None,
     augment: AugmentConfig | None = None,
     seed: int | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
 ) -> tf.data.Dataset:
     """uint8 images -> batches of float32 pixels (0-255), in a fixed order or shuffled by `seed`.
 
     Yields `x` alone when there are no labels (prediction), else `(x, y)` (y one-hot when
     `n_classes` is given: what label smoothing needs), plus per-image weights when given.
-    With `augment` (which needs `seed`), batch i is augmented with the key
-    (augment.seed, seed, i). Batches are prepared in parallel and prefetched while the
-    model trains on the current one.
+    With `inputs` (more model inputs by name, one row per image, such as the patient
+    metadata), `x` is a dict of them with the pixels under "image". With `augment` (which
+    needs `seed`), batch i is augmented with the key (augment.seed, seed, i). Batches are
+    prepared in parallel and prefetched while the model trains on the current one.
     """
     import tensorflow as tf
 
     if augment is not None and seed is None:
         raise ValueError("augmentation needs a seed")
-    parts: tuple = (images,) if labels is None else (images, labels)
+    x_parts = images if inputs is None else {"image": images, **inputs}
+    parts: tuple = (x_parts,) if labels is None else (x_parts, labels)
     if sample_weights is not None:
         parts += (np.asarray(sample_weights, dtype=np.float32),)
     ds = tf.data.Dataset.from_tensor_slices(parts)
@@ -139,9 +142,10 @@ def make_dataset(
 
     def prepare(index, batch):
         x, *rest = batch if isinstance(batch, tuple) else (batch,)
-        x = tf.cast(x, tf.float32)
+        pixels = tf.cast(x["image"] if inputs is not None else x, tf.float32)
         if key is not None:
-            x = augment_batch(x, tf.stack([tf.constant(key, tf.int64), index]), augment)
+            pixels = augment_batch(pixels, tf.stack([tf.constant(key, tf.int64), index]), augment)
+        x = {**x, "image": pixels} if inputs is not None else pixels
         if rest and n_classes is not None:
             rest[0] = tf.one_hot(rest[0], n_classes)
         return (x, *rest) if rest else x

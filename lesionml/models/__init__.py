@@ -18,7 +18,9 @@ from lesionml.data.normalize import NormStats
 if TYPE_CHECKING:
     import keras
 
-Builder = Callable[[Any, tuple[int, int], NormStats, int], "keras.Model"]
+    from lesionml.models.patient import PatientStats
+
+Builder = Callable[[Any, tuple[int, int], NormStats, int, "PatientStats | None"], "keras.Model"]
 
 
 def _builders() -> dict[str, Builder]:
@@ -30,27 +32,68 @@ def _builders() -> dict[str, Builder]:
 
 def modules() -> tuple:
     """The builder modules, whose source is part of the training cache key."""
-    from lesionml.models import cnn, cnn_lstm
+    from lesionml.models import cnn, cnn_lstm, patient
 
-    return (cnn, cnn_lstm)
+    return (cnn, cnn_lstm, patient)
 
 
 def build_model(
-    name: str, cfg: Any, image_size: tuple[int, int], stats: NormStats, n_classes: int, precision: str = "float32"
+    name: str,
+    cfg: Any,
+    image_size: tuple[int, int],
+    stats: NormStats,
+    n_classes: int,
+    precision: str = "float32",
+    patient: PatientStats | None = None,
 ) -> keras.Model:
     """Build under dtype policy `precision`: each layer keeps the policy it was built with,
-    in training and in the saved model, so the global policy is restored straight after."""
+    in training and in the saved model, so the global policy is restored straight after.
+
+    `patient`: the metadata encoding fitted on the train split, which a model whose
+    `metadata.enabled` is on needs (and any other model ignores)."""
     import keras
+
+    from lesionml.models.patient import enabled
 
     builders = _builders()
     if name not in builders:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(builders)}")
+    if enabled(cfg) and patient is None:
+        raise ValueError(f"{name}: metadata is enabled, so the model needs the train split's PatientStats")
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
     try:
-        return builders[name](cfg, image_size, stats, n_classes)
+        return builders[name](cfg, image_size, stats, n_classes, patient if enabled(cfg) else None)
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def classifier(
+    image: keras.KerasTensor,
+    features: keras.KerasTensor,
+    cfg: Any,
+    n_classes: int,
+    patient: PatientStats | None,
+    name: str,
+) -> keras.Model:
+    """The head both models share: Dense, dropout, softmax on the image features, which are
+    first concatenated with the metadata branch's features when `patient` is given."""
+    import keras
+    from keras import layers
+
+    from lesionml.models.patient import metadata_branch
+
+    inputs = [image]
+    x = features
+    if patient is not None:
+        extra, metadata = metadata_branch(patient, cfg.metadata.dense_units)
+        inputs += extra
+        x = layers.Concatenate(name="fuse_metadata")([x, metadata])
+    x = layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
+    x = layers.Dropout(cfg.dense_dropout, name="dense_dropout")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
+    # One input stays a bare tensor: the model keeps the single-input interface (input_shape, arrays).
+    return keras.Model(inputs if patient is not None else image, outputs, name=name)
 
 
 def normalization_layer(stats: NormStats) -> keras.layers.Layer:

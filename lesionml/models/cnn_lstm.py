@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from lesionml.config import CNNLSTMConfig
 from lesionml.data.normalize import NormStats
+from lesionml.models.patient import PatientStats
 
 
-def build_cnn_lstm(cfg: CNNLSTMConfig, image_size: tuple[int, int], stats: NormStats, n_classes: int):
+def build_cnn_lstm(
+    cfg: CNNLSTMConfig, image_size: tuple[int, int], stats: NormStats, n_classes: int, patient: PatientStats | None
+):
     import keras
     from keras import layers
 
-    from lesionml.models import conv_block, normalization_layer
+    from lesionml.models import classifier, conv_block, normalization_layer
 
-    inputs = keras.Input(shape=(*image_size, 3), name="image")
-    x = normalization_layer(stats)(inputs)
+    image = keras.Input(shape=(*image_size, 3), name="image")
+    x = normalization_layer(stats)(image)
     for b, filters in enumerate(cfg.filters):
         for layer in conv_block(b, filters, 1, cfg.kernel_size, cfg.dropout):
             x = layer(x)
@@ -26,7 +29,4 @@ def build_cnn_lstm(cfg: CNNLSTMConfig, image_size: tuple[int, int], stats: NormS
     x = layers.Reshape((rows, cols * channels), name="rows_as_sequence")(x)
     lstm = layers.LSTM(cfg.lstm_units, name="lstm")
     x = layers.Bidirectional(lstm, name="bilstm")(x) if cfg.bidirectional else lstm(x)
-    x = layers.Dense(cfg.dense_units, activation="relu", name="dense")(x)
-    x = layers.Dropout(cfg.dense_dropout, name="dense_dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
-    return keras.Model(inputs, outputs, name="cnn_lstm")
+    return classifier(image, x, cfg, n_classes, patient, "cnn_lstm")
