@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -430,7 +431,12 @@ def up(args: argparse.Namespace, folder: Path) -> None:
 
 
 def _client_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    """Where a client on this machine reaches a server bound to `host` (all interfaces: loopback)."""
+    try:
+        unspecified = not host or ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        unspecified = False
+    return "127.0.0.1" if unspecified else host
 
 
 def _wait_healthy(name: str, service: dict, log: Path) -> None:
