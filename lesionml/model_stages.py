@@ -102,24 +102,6 @@ def train(
     training again from scratch. `metadata` (preprocess's patient table) is read only by a
     model whose `metadata.enabled` is on, which needs it.
     """
-    result = _train(name, images, split, stats, ws, params, run_id, on_epoch, metadata)
-    if on_trained:
-        on_trained(result)
-    shutil.rmtree(ws.model_dir(name) / ".work", ignore_errors=True)
-    return result
-
-
-def _train(
-    name: str,
-    images: Artifact,
-    split: Artifact,
-    stats: Artifact,
-    ws: Workspace,
-    params: Params,
-    run_id: str | None,
-    on_epoch: EpochHook | None,
-    metadata: Artifact | None,
-) -> TrainResult:
     train_cfg = params.train_for(name)
     seed_everything(train_cfg.seed, train_cfg.deterministic)
     (train_x, train_rows), (val_x, val_rows) = load_split_images(images, split, "train", "val")
@@ -144,7 +126,7 @@ def _train(
         f"training {name}: {len(train_x)} train / {len(val_x)} val images of {image_size[0]}x{image_size[1]}, "
         f"{model.count_params():,} parameters, up to {train_cfg.epochs} epochs"
     )
-    result = fit(
+    fitted = fit(
         model,
         (train_x, _labels(train_rows)),
         (val_x, _labels(val_rows)),
@@ -157,9 +139,9 @@ def _train(
         metadata=meta_rows,
         withhold=meta_cfg.withhold if meta_cfg else 0.0,
     )
-    history = pd.read_csv(result.history_path)
+    history = pd.read_csv(fitted.history_path)
     write_csv(out / "history.csv", history)
-    plots.training_curves(history, f"{name}: training curves", out / "curves.png", result.best_epoch)
+    plots.training_curves(history, f"{name}: training curves", out / "curves.png", fitted.best_epoch)
     summary = {
         "model": name,
         "run_id": run_id,
@@ -167,15 +149,15 @@ def _train(
         "n_train": len(train_x),
         "n_val": len(val_x),
         "parameters": int(model.count_params()),
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        f"best_{train_cfg.monitor}": result.best_value,
-        "train_seconds": round(result.seconds, 2),
-        "train_images_per_second": round(result.train_images_per_second, 1),
+        "epochs_run": fitted.epochs_run,
+        "best_epoch": fitted.best_epoch,
+        f"best_{train_cfg.monitor}": fitted.best_value,
+        "train_seconds": round(fitted.seconds, 2),
+        "train_images_per_second": round(fitted.train_images_per_second, 1),
         "metadata": bool(meta_cfg),
     }
     write_json(out / "summary.json", summary)
-    return TrainResult(
+    result = TrainResult(
         name=name,
         params=params.model_copy(update={"train": train_cfg}),
         summary=summary,
@@ -190,6 +172,10 @@ def _train(
             "summary": Artifact.of(out / "summary.json"),
         },
     )
+    if on_trained:
+        on_trained(result)
+    shutil.rmtree(out / ".work", ignore_errors=True)
+    return result
 
 
 def _example(images: np.ndarray, rows: pd.DataFrame | None) -> np.ndarray | dict[str, np.ndarray]:

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import SAMPLE, write_params
+from tests.helpers import SAMPLE, run_lesionml, write_params
 
 pytestmark = pytest.mark.integration
-BIN = Path(sys.executable).parent
 MODELS = ("cnn", "cnn_lstm")
 TWO_TINY_MODELS = {
     "data": {"image_size": [32, 40]},
@@ -48,14 +45,7 @@ def _run(tmp: Path, prefect_server: str, *args: str) -> tuple[Path, str]:
     params = write_params(tmp, SAMPLE, **TWO_TINY_MODELS)
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp / "prefect-home")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(
-        [str(BIN / "lesionml"), "run", "--params", str(params), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
-    )
+    done = run_lesionml("run", "--params", str(params), *args, env=env, timeout=1800)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return tmp / "ws", done.stdout
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import pandas as pd
 import pytest
 
 from lesionml.data.split import split_counts
-from tests.helpers import BIN, SAMPLE, TINY, prefect_api, start_mlflow_server, write_params
+from tests.helpers import SAMPLE, TINY, prefect_api, run_lesionml, start_mlflow_server, write_params
 
 pytestmark = pytest.mark.integration
 MODELS = ("cnn", "cnn_lstm")
@@ -94,14 +93,7 @@ def ui_run(prefect_server, mlflow_server, tmp_path_factory) -> UIRun:
     }
     outputs = []
     for _ in range(2):
-        done = subprocess.run(
-            [str(BIN / "lesionml"), "retrain", "--params", str(params)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
+        done = run_lesionml("retrain", "--params", str(params), env=env, timeout=900)
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         outputs.append(done.stdout + done.stderr)
     [pipeline_run] = [

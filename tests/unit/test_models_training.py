@@ -140,35 +140,19 @@ def test_interrupted_training_resumes_from_last_epoch(tmp_path):
         if epoch == 2:
             raise KeyboardInterrupt  # like Ctrl-C, after epoch 2's history row was written
 
-    seen: list[int] = []
-    model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
+    def train(hook):  # a fresh model each time, as a restarted process would build it
+        model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
+        work, out = tmp_path / "work", tmp_path / "model.keras"
+        return fit(model, (x, y), (x[:16], y[:16]), cfg, work, out, n_classes=7, epoch_hooks=[hook])
+
     with pytest.raises(KeyboardInterrupt):
-        fit(
-            model,
-            (x, y),
-            (x[:16], y[:16]),
-            cfg,
-            tmp_path / "work",
-            tmp_path / "model.keras",
-            n_classes=7,
-            epoch_hooks=[crash_after_second_epoch],
-        )
+        train(crash_after_second_epoch)
     assert not (tmp_path / "model.keras").exists(), "an interrupted run must not leave a model file"
     first = pd.read_csv(tmp_path / "work" / "history.csv")
     assert list(first.epoch) == [1, 2]
 
-    seen.clear()
-    model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
-    result = fit(
-        model,
-        (x, y),
-        (x[:16], y[:16]),
-        cfg,
-        tmp_path / "work",
-        tmp_path / "model.keras",
-        n_classes=7,
-        epoch_hooks=[lambda e, m: seen.append(e)],
-    )
+    seen: list[int] = []
+    result = train(lambda e, m: seen.append(e))
     assert seen == [3], "the resumed run trains only the epoch it had not finished"
     history = pd.read_csv(result.history_path)
     assert list(history.epoch) == [1, 2, 3]

@@ -3,6 +3,8 @@ withheld path, unchanged image-only models, one-line errors, and a branch the mo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -71,25 +73,23 @@ def _patients(n: int, seed: int, sites=("back", "face")) -> tuple[np.ndarray, pd
     return images, rows, labels.astype(np.int64)
 
 
+def _fit_on_patients(model, folder: Path, **metadata):
+    """`model` fitted 8 epochs on the sex/site-decided classes (train seed 1, validation seed 2)."""
+    train_x, _, train_y = _patients(256, 1)
+    val_x, _, val_y = _patients(96, 2)
+    seed_everything(0)
+    work, out = folder / "work", folder / "model.keras"
+    return fit(model, (train_x, train_y), (val_x, val_y), _train_cfg(epochs=8), work, out, n_classes=4, **metadata)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A tiny CNN with the metadata branch trained (with withholding) on sex/site-decided classes."""
-    folder = tmp_path_factory.mktemp("patient")
-    train_x, train_rows, train_y = _patients(256, 1)
+    _, train_rows, _ = _patients(256, 1)
     val_x, val_rows, val_y = _patients(96, 2)
-    seed_everything(0)
     model = build_model("cnn", CNN, SIZE, STATS, 4, patient=PatientStats.fit(train_rows))
-    result = fit(
-        model,
-        (train_x, train_y),
-        (val_x, val_y),
-        _train_cfg(epochs=8),
-        folder / "work",
-        folder / "model.keras",
-        n_classes=4,
-        metadata=(train_rows, val_rows),
-        withhold=META.withhold,
-    )
+    folder = tmp_path_factory.mktemp("patient")
+    result = _fit_on_patients(model, folder, metadata=(train_rows, val_rows), withhold=META.withhold)
     return model, result, (val_x, val_rows, val_y)
 
 
@@ -223,19 +223,8 @@ def test_the_model_learns_from_the_metadata_a_model_without_it_cannot(trained, t
     best = pd.read_csv(result.history_path).iloc[result.best_epoch - 1]
     assert best.val_accuracy >= 0.9
     assert best.val_accuracy_withheld <= 0.45, "without the metadata the class is a guess (4 classes)"
-    train_x, _, train_y = _patients(256, 1)
-    val_x, _, val_y = _patients(96, 2)
-    seed_everything(0)
     image_only = build_model("cnn", CNN.model_copy(update={"metadata": OFF}), SIZE, STATS, 4)
-    fitted = fit(
-        image_only,
-        (train_x, train_y),
-        (val_x, val_y),
-        _train_cfg(epochs=8),
-        tmp_path / "work",
-        tmp_path / "m.keras",
-        n_classes=4,
-    )
+    fitted = _fit_on_patients(image_only, tmp_path)
     assert pd.read_csv(fitted.history_path).val_accuracy.max() <= 0.45
 
 

@@ -91,16 +91,7 @@ def test_the_train_key_follows_what_defines_the_model_and_not_where_it_lives(set
 
     key = stage_cache_key("train", select=_trained_model)
     dump = project_params().model_dump(mode="json")
-    inputs = {
-        "name": "cnn",
-        "images_npz": _artifact("/one/ws", "preprocess/images.npz", "1" * 64),
-        "split_csv": _artifact("/one/ws", "split/split.csv", "2" * 64),
-        "stats_json": _artifact("/one/ws", "normalize/stats.json", "3" * 64),
-        "metadata_csv": _artifact("/one/ws", "preprocess/metadata.csv", "4" * 64),
-        "workspace": "/one/ws",
-        "params": dump,
-        "run": None,
-    }
+    inputs = _train_inputs("/one/ws", dump)
     base = key(None, inputs)
     elsewhere = copy.deepcopy(inputs) | {"workspace": "/two/ws"}
     for k in ("images_npz", "split_csv", "stats_json", "metadata_csv"):
@@ -116,22 +107,27 @@ def test_the_train_key_follows_what_defines_the_model_and_not_where_it_lives(set
     assert key(None, changed) != base
 
 
+def _train_inputs(ws: str, dump: dict) -> dict:
+    """The train task's inputs for the CNN, its upstream artifacts in workspace `ws`."""
+    return {
+        "name": "cnn",
+        "images_npz": _artifact(ws, "preprocess/images.npz", "1" * 64),
+        "split_csv": _artifact(ws, "split/split.csv", "2" * 64),
+        "stats_json": _artifact(ws, "normalize/stats.json", "3" * 64),
+        "metadata_csv": _artifact(ws, "preprocess/metadata.csv", "4" * 64),
+        "workspace": ws,
+        "params": dump,
+        "run": None,
+    }
+
+
 def test_the_patient_table_is_in_the_train_key_only_for_a_model_that_reads_it():
     from tasks.model import _trained_model  # imported here: it loads the model stages
 
     key = stage_cache_key("train", select=_trained_model)
     dump = project_params().model_dump(mode="json")
     dump["models"]["cnn"]["metadata"]["enabled"] = False
-    inputs = {
-        "name": "cnn",
-        "images_npz": _artifact("/ws", "preprocess/images.npz", "1" * 64),
-        "split_csv": _artifact("/ws", "split/split.csv", "2" * 64),
-        "stats_json": _artifact("/ws", "normalize/stats.json", "3" * 64),
-        "metadata_csv": _artifact("/ws", "preprocess/metadata.csv", "4" * 64),
-        "workspace": "/ws",
-        "params": dump,
-        "run": None,
-    }
+    inputs = _train_inputs("/ws", dump)
     edited = copy.deepcopy(inputs)
     edited["metadata_csv"]["sha256"] = "5" * 64
     assert key(None, edited) == key(None, inputs), "an image-only model's cache survives a new patient table"
