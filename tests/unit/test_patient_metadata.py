@@ -16,37 +16,21 @@ from lesionml.inference import predict_proba
 from lesionml.models import build_model
 from lesionml.models.patient import PRESENT, PatientStats, patient_inputs, uses_metadata, withhold_metadata
 from lesionml.training import WITHHELD_COLUMNS, fit, seed_everything
-from tests.helpers import ROOT
+from tests.helpers import ROOT, config
 
 STATS = NormStats((120.0, 100.0, 90.0), (40.0, 35.0, 30.0), 10)
 SIZE = (16, 20)
 PARAMS = load_params(ROOT / "params.yaml")
 META = MetadataConfig(enabled=True, dense_units=8, withhold=0.3)
 # Every architecture key given, so the project's params.yaml values do not matter here.
-CNN = PARAMS.models.cnn.model_copy(
-    update={
-        "filters": (4, 8),
-        "convs_per_block": 1,
-        "kernel_size": 3,
-        "dropout": 0.0,
-        "head": "global_average",
-        "dense_units": 8,
-        "dense_dropout": 0.0,
-        "metadata": META,
-    }
-)
-LSTM = PARAMS.models.cnn_lstm.model_copy(
-    update={
-        "filters": (4, 8),
-        "kernel_size": 3,
-        "dropout": 0.0,
-        "lstm_units": 4,
-        "bidirectional": True,
-        "dense_units": 4,
-        "dense_dropout": 0.0,
-        "metadata": META,
-    }
-)
+CNN = config(
+    "models.cnn", filters=(4, 8), convs_per_block=1, kernel_size=3, dropout=0.0, head="global_average",
+    dense_units=8, dense_dropout=0.0, metadata=META,
+)  # fmt: skip
+LSTM = config(
+    "models.cnn_lstm", filters=(4, 8), kernel_size=3, dropout=0.0, lstm_units=4, bidirectional=True,
+    dense_units=4, dense_dropout=0.0, metadata=META,
+)  # fmt: skip
 OFF = MetadataConfig(enabled=False, dense_units=8, withhold=0.3)
 
 
