@@ -94,7 +94,7 @@ def plain_pipeline(params_file: Path, overrides: list[str]) -> int:
     cfg, ws = params.data, Workspace(params.data.workspace)
     experiment = tracking.connect(params.tracking)  # first, as in the flow: fail before any work
     step("connect tracking")
-    ingested = stages.ingest(cfg.source, ws, cfg.max_archive_bytes)
+    ingested = stages.ingest(cfg.source, ws, cfg.max_archive_bytes, cfg.allow_external_links)
     step("ingest")
     prep = stages.preprocess(ingested["manifest"], ws, cfg)
     step("preprocess")

@@ -94,7 +94,7 @@ def _pipeline(
         artifacts.update({f"{label}.{k}": a.to_dict() for k, a in outs.items()})
         return {k: a.to_dict() for k, a in outs.items()}
 
-    ingested = stage("ingest", data.ingest, signature=source_signature(cfg.source))
+    ingested = stage("ingest", data.ingest, signature=source_signature(cfg.source, cfg.allow_external_links))
     result = {"cached": cached, "artifacts": artifacts, "workspace": workspace}
     if reach < STAGES.index("preprocess"):
         return result

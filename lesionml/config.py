@@ -32,6 +32,7 @@ class DataConfig(_Section):
     workers: int = Field(ge=1, le=64)
     max_image_pixels: int = Field(ge=1)
     max_archive_bytes: int = Field(ge=1)
+    allow_external_links: bool
 
     @model_validator(mode="after")
     def _check_size(self) -> DataConfig:

@@ -42,7 +42,7 @@ _MODEL = ("lesionml/model_stages.py", "tasks/model.py")
 STAGES: dict[str, StageSpec] = {
     "ingest": StageSpec(
         code=("lesionml/data/metadata.py", "lesionml/data/source.py", *_DATA),
-        params=("data.source", "data.max_archive_bytes"),
+        params=("data.source", "data.max_archive_bytes", "data.allow_external_links"),
         deps=(SOURCE,),
         outs=("ingest",),
     ),

@@ -26,7 +26,8 @@ _RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": re
 def ingest(signature: str, workspace: str, params: dict) -> dict:
     """`signature` (names/sizes/mtimes) is in the key so a changed release re-ingests."""
     data = Params.model_validate(params).data
-    return as_dicts(stages.ingest(data.source, Workspace(Path(workspace)), data.max_archive_bytes), workspace)
+    out = stages.ingest(data.source, Workspace(Path(workspace)), data.max_archive_bytes, data.allow_external_links)
+    return as_dicts(out, workspace)
 
 
 @task(name="preprocess", cache_key_fn=stage_cache_key("preprocess"), **_RETRY)

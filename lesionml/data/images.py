@@ -23,7 +23,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from lesionml.data.source import ImageReader
+from lesionml.data.source import ImageReader, describe_location
 from lesionml.errors import DataError
 from lesionml.io import atomic_path
 
@@ -46,10 +46,6 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-
-
-def _describe(loc: Location) -> str:
-    return f"{loc[0]}:{loc[1]}" if loc[1] else loc[0]
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -127,7 +123,7 @@ def _decode_chunk(locations: Sequence[Location], size: tuple[int, int], max_pixe
     out = np.empty((len(locations), size[0], size[1], 3), dtype=np.uint8)
     with ImageReader() as reader:
         for k, (file, member) in enumerate(locations):
-            out[k] = decode_image(reader.read(file, member), size, max_pixels, _describe((file, member)))
+            out[k] = decode_image(reader.read(file, member), size, max_pixels, describe_location(file, member))
     return out
 
 

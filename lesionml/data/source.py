@@ -13,6 +13,7 @@ metadata value changes, and only then.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import zipfile
@@ -37,7 +38,14 @@ class ImageLocation:
     member: str = ""
 
     def describe(self) -> str:
-        return f"{self.file}:{self.member}" if self.member else self.file
+        return describe_location(self.file, self.member)
+
+
+def describe_location(file: str, member: str = "") -> str:
+    """How every error names an image: its file in the release (and zip member), then the
+    link's target when that file is a link, so the user can tell which release file to fix."""
+    where = f"{file}:{member}" if member else file
+    return f"{where} (a link to {os.path.realpath(file)})" if os.path.islink(file) else where
 
 
 class ImageReader:
@@ -58,7 +66,6 @@ class ImageReader:
         self._archives.clear()
 
     def read(self, file: str, member: str = "") -> bytes:
-        where = f"{file}:{member}" if member else file
         try:
             if not member:
                 return Path(file).read_bytes()
@@ -66,11 +73,62 @@ class ImageReader:
                 self._archives[file] = zipfile.ZipFile(file)
             return self._archives[file].read(member)
         except (OSError, zipfile.BadZipFile, KeyError) as exc:  # KeyError: no such member
-            raise DataError(f"{where}: cannot read ({exc})") from None
+            raise DataError(f"{describe_location(file, member)}: cannot read ({exc})") from None
 
 
-def _visible(path: Path) -> bool:
-    return not any(part.startswith(".") for part in path.parts)
+def _link_target(path: Path) -> Path:
+    """Where the link at `path` finally leads; a DataError naming it when that is nowhere."""
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except OSError as exc:
+        problem = (
+            "loops back on itself"
+            if exc.errno == errno.ELOOP
+            else f"points to {os.readlink(path)}, which does not exist"
+        )
+        raise DataError(f"{path}: a link that {problem}") from None
+
+
+def _release_files(source: Path, allow_external_links: bool) -> list[Path]:
+    """Every visible file of the release at `source`, named by its path in the release.
+
+    Hidden files and folders are skipped. A link inside the release is fine (a link to a
+    folder inside it is skipped: its files are found at their own place); a link out of it
+    is refused unless `allow_external_links`, and then each outside folder is read once,
+    so a link loop cannot make the walk endless.
+    """
+    root = source.resolve()
+    seen, pending, files, refused = {root}, [source], [], []
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError as exc:
+            raise DataError(f"{folder}: cannot list the folder ({exc.strerror})") from None
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            target = _link_target(path) if entry.is_symlink() else None
+            # A release that someone else fills could otherwise make ingest read any file this
+            # user can (another project's images, another patient's) and train on it unseen.
+            if target is not None and not (allow_external_links or target.is_relative_to(root)):
+                refused.append(f"{path} -> {target}")
+                continue
+            if target is not None and target.is_dir():
+                if target not in seen and not target.is_relative_to(root):
+                    seen.add(target)
+                    pending.append(path)
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append(path)
+            else:
+                files.append(path)
+    if refused:
+        raise DataError(
+            f"{source}: {summarize('links out of the release folder', refused, limit=3)}; refusing them "
+            "(data.allow_external_links: true follows links out of the release)"
+        )
+    return sorted(files)
 
 
 def _zip_images(archive: Path, max_bytes: int) -> dict[str, ImageLocation]:
@@ -107,38 +165,34 @@ def _zip_images(archive: Path, max_bytes: int) -> dict[str, ImageLocation]:
         return found
 
 
-def find_images(source: Path, max_archive_bytes: int) -> dict[str, ImageLocation]:
+def find_images(source: Path, max_archive_bytes: int, allow_external_links: bool = False) -> dict[str, ImageLocation]:
     """image_id -> location for every image file and zip member under `source`."""
     places: dict[str, list[ImageLocation]] = defaultdict(list)
-    for root, dirs, files in os.walk(source):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            path = Path(root) / name
-            suffix = path.suffix.lower()
-            if name.startswith(".") or not _visible(path.relative_to(source)):
-                continue
-            if suffix in IMAGE_SUFFIXES:
-                places[path.stem].append(ImageLocation(str(path.resolve())))
-            elif suffix == ".zip":
-                for stem, loc in _zip_images(path.resolve(), max_archive_bytes).items():
-                    places[stem].append(loc)
+    for path in _release_files(source, allow_external_links):
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            places[path.stem].append(ImageLocation(str(path)))
+        elif suffix == ".zip":
+            for stem, loc in _zip_images(path, max_archive_bytes).items():
+                places[stem].append(loc)
     twice = [f"{stem} ({', '.join(p.describe() for p in locs)})" for stem, locs in places.items() if len(locs) > 1]
     if twice:
         raise DataError(f"{source}: {summarize('images found in more than one place', twice, limit=3)}")
     return {stem: locs[0] for stem, locs in places.items()}
 
 
-def source_signature(source: Path) -> str:
-    """Cheap change detector (names, sizes, mtimes): decides whether ingest must re-hash."""
+def source_signature(source: Path, allow_external_links: bool = False) -> str:
+    """Cheap change detector (names, sizes, mtimes of what links lead to): decides whether ingest must re-hash.
+
+    It walks the release as ingest does, so a refused link is refused on every run, cached or not.
+    """
     source = Path(source)
     if not source.is_dir():
         raise DataError(f"{source}: data source folder not found")
     h = hashlib.sha256()
-    for root, dirs, files in os.walk(source):
-        dirs.sort()
-        for name in sorted(files):
-            st = (Path(root) / name).stat()
-            h.update(f"{Path(root, name).relative_to(source)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for path in _release_files(source, allow_external_links):
+        st = path.stat()
+        h.update(f"{path.relative_to(source)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -148,19 +202,19 @@ def _hash_images(manifest: pd.DataFrame) -> list[str]:
         for file, member in zip(manifest.file, manifest.member, strict=True):
             data = reader.read(file, member)
             if not data:
-                raise DataError(f"{file}{':' + member if member else ''}: image file is empty (0 bytes)")
+                raise DataError(f"{describe_location(file, member)}: image file is empty (0 bytes)")
             digests.append(hashlib.sha256(data).hexdigest())
     return digests
 
 
-def build_manifest(source: Path, max_archive_bytes: int) -> pd.DataFrame:
+def build_manifest(source: Path, max_archive_bytes: int, allow_external_links: bool = False) -> pd.DataFrame:
     """Validate a release and return its manifest; raises DataError naming every problem kind."""
     source = Path(source)
     if not source.is_dir():
         raise DataError(f"{source}: data source folder not found")
+    images = find_images(source, max_archive_bytes, allow_external_links)  # refuses links out, the CSV's too
     meta_path = source / METADATA_FILE
     metadata = read_metadata(meta_path)
-    images = find_images(source, max_archive_bytes)
     ids = set(metadata.image_id)
     missing = [i for i in metadata.image_id if i not in images]
     if missing:

@@ -61,7 +61,7 @@ def _portable(path: Path, base: Path) -> str:
     return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
 
 
-def ingest(source: Path, ws: Workspace, max_archive_bytes: int) -> dict[str, Artifact]:
+def ingest(source: Path, ws: Workspace, max_archive_bytes: int, allow_external_links: bool) -> dict[str, Artifact]:
     """Validate the release at `source` and record its manifest and fingerprint.
 
     Nothing recorded names the checkout: the manifest's files are relative to the release
@@ -71,8 +71,9 @@ def ingest(source: Path, ws: Workspace, max_archive_bytes: int) -> dict[str, Art
     records, and every stage after ingest stays valid there.
     """
     source = Path(source).resolve()
-    manifest = build_manifest(source, max_archive_bytes)
-    manifest["file"] = [_portable(Path(f), source) for f in manifest.file]
+    manifest = build_manifest(source, max_archive_bytes, allow_external_links)
+    # Named by their place in the release, a link by itself, never by where it leads.
+    manifest["file"] = [Path(f).relative_to(source).as_posix() for f in manifest.file]
     out = {"manifest": write_csv(ws.manifest, manifest)}
     write_json(
         ws.release,

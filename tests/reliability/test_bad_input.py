@@ -339,6 +339,21 @@ def _text_as_jpg(src: Path) -> dict:
     return {"path": victim}
 
 
+def _link_to_passwd(src: Path) -> dict:
+    victim = _real_image(src)
+    victim.unlink()
+    victim.symlink_to("/etc/passwd")  # any readable file on the machine: never ingested unasked
+    return {"path": victim}
+
+
+def _link_to_a_non_image(src: Path) -> dict:
+    victim = _real_image(src)
+    (src / "notes.txt").write_text("not a picture\n")
+    victim.unlink()
+    victim.symlink_to("notes.txt")  # inside the release: followed, and named with its target on error
+    return {"path": victim, "target": src / "notes.txt"}
+
+
 def _png_bilevel(width: int, height: int) -> bytes:
     """A valid 1-bit PNG of one colour: 20000x20000 compresses to ~50 kB and is 400 M pixels."""
 
@@ -462,6 +477,18 @@ CASES = [
         stage="preprocess",
     ),
     Case("image-text-named-jpg", _text_as_jpg, "{path}: not an image Pillow can read", stage="preprocess"),
+    Case(
+        "image-linked-out-of-the-release",
+        _link_to_passwd,
+        "{src}: 1 links out of the release folder: {path} -> /etc/passwd; refusing them "
+        "(data.allow_external_links: true follows links out of the release)",
+    ),
+    Case(
+        "image-linked-to-a-non-image",
+        _link_to_a_non_image,
+        "{path} (a link to {target}): not an image Pillow can read",
+        stage="preprocess",
+    ),
     Case(
         "image-20000x20000-pixels",
         _huge_image,

@@ -94,7 +94,7 @@ def test_every_layout_gives_the_same_manifest_rows_and_fingerprint(releases):
 def test_stage_ingest_records_the_same_fingerprint_for_every_layout(releases, tmp_path):
     recorded = {}
     for layout, src in releases.items():
-        out = ingest(src, Workspace(tmp_path / f"ws-{layout}"), LIMIT)
+        out = ingest(src, Workspace(tmp_path / f"ws-{layout}"), LIMIT, False)
         assert out["manifest"].is_intact() and out["release"].is_intact()
         release = json.loads(Path(out["release"].path).read_text())
         assert release["source"] == src.name and release["images"] == len(_rows(src))
@@ -107,7 +107,7 @@ def test_ingest_records_name_no_checkout_and_survive_a_move(releases, tmp_path):
     cloned) project re-ingests to the same bytes, and its manifest still finds the images."""
     project = tmp_path / "project"
     shutil.copytree(releases["parts"], project / "data" / "release")
-    out = ingest(project / "data" / "release", Workspace(project / "ws"), LIMIT)
+    out = ingest(project / "data" / "release", Workspace(project / "ws"), LIMIT, False)
     stored = pd.read_csv(out["manifest"].path, keep_default_na=False)
     assert stored.file.str.fullmatch(r"HAM10000_images_part_[12]/ISIC_\d{7}\.jpg").all()
     assert json.loads(Path(out["release"].path).read_text())["source"] == "data/release"
@@ -117,12 +117,12 @@ def test_ingest_records_name_no_checkout_and_survive_a_move(releases, tmp_path):
     shutil.move(project, moved)
     table = read_csv(Artifact.of(moved / "ws" / "ingest" / "manifest.csv"))
     assert all(Path(f).is_file() and Path(f).is_relative_to(moved) for f in table.file)
-    again = ingest(moved / "data" / "release", Workspace(moved / "ws"), LIMIT)
+    again = ingest(moved / "data" / "release", Workspace(moved / "ws"), LIMIT, False)
     assert {k: a.sha256 for k, a in again.items()} == {k: a.sha256 for k, a in out.items()}
 
 
 def test_release_outside_the_project_is_recorded_by_absolute_path(releases, tmp_path):
-    out = ingest(releases["flat"], Workspace(tmp_path / "project" / "ws"), LIMIT)
+    out = ingest(releases["flat"], Workspace(tmp_path / "project" / "ws"), LIMIT, False)
     assert json.loads(Path(out["release"].path).read_text())["source"] == str(releases["flat"].resolve())
     assert (read_csv(out["manifest"]).file.map(lambda f: Path(f).parent) == releases["flat"].resolve()).all()
 
@@ -134,7 +134,7 @@ def test_manifest_hashes_are_the_image_file_hashes(releases):
 
 
 def test_bundled_sample_with_images_subfolder(sample_dir, tmp_path):
-    out = ingest(sample_dir, Workspace(tmp_path), LIMIT)
+    out = ingest(sample_dir, Workspace(tmp_path), LIMIT, False)
     release = json.loads(Path(out["release"].path).read_text())
     assert release["images"] == 444 and release["lesions"] == 305
     assert Workspace(tmp_path).manifest.is_file() and not (sample_dir / "ingest").exists()
@@ -456,3 +456,83 @@ def test_hidden_files_and_mac_resource_forks_are_ignored(make_release):
     (src / ".trash").mkdir()
     (src / ".trash" / "ISIC_1234567.jpg").write_bytes(b"old")
     assert _fingerprint(src) == before
+
+
+# --- links ----------------------------------------------------------------------------
+# A release someone else fills may hold links: one out of it is refused unless allowed,
+# one inside it is fine, and a broken one is named, never hung on or followed blindly.
+
+OUT_HINT = "(data.allow_external_links: true follows links out of the release)"
+
+
+def _link_out(src: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """One image of `src` moved out of the release and replaced by a link to it."""
+    victim = next(p for p in sorted(src.glob("*.jpg")))
+    outside = tmp_path / "elsewhere" / victim.name
+    outside.parent.mkdir(exist_ok=True)
+    shutil.move(victim, outside)
+    victim.symlink_to(outside)
+    return victim, outside
+
+
+def test_link_out_of_the_release_is_refused_naming_the_file_and_its_target(make_release, tmp_path):
+    src = make_release(10)
+    link, outside = _link_out(src, tmp_path)
+    assert _error(src) == f"{src}: 1 links out of the release folder: {link} -> {outside}; refusing them {OUT_HINT}"
+
+
+def test_metadata_csv_linked_out_of_the_release_is_refused(make_release, tmp_path):
+    src = make_release(10)
+    outside = tmp_path / "elsewhere.csv"
+    shutil.move(src / METADATA, outside)
+    (src / METADATA).symlink_to(outside)
+    assert (
+        _error(src)
+        == f"{src}: 1 links out of the release folder: {src / METADATA} -> {outside}; refusing them {OUT_HINT}"
+    )
+
+
+def test_links_out_are_followed_when_allowed_and_give_the_copy_s_fingerprint(make_release, tmp_path):
+    src = make_release(10)
+    before = _fingerprint(src)
+    link, _ = _link_out(src, tmp_path)
+    (src / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a folder link out: read once
+    with pytest.raises(DataError, match="images found in more than one place"):
+        build_manifest(src, LIMIT, allow_external_links=True)
+    (src / "more").unlink()
+    manifest = build_manifest(src, LIMIT, allow_external_links=True)
+    assert release_fingerprint(manifest) == before
+    assert str(link) in set(manifest.file), "the manifest names the file in the release, not the link's target"
+
+
+def test_links_inside_the_release_are_accepted(make_release, tmp_path):
+    src = make_release(10)
+    before = _fingerprint(src)
+    (src / "store").mkdir()
+    victim = next(p for p in sorted(src.glob("*.jpg")))
+    shutil.move(victim, src / "store" / "kept.bin")  # not an image name: found only through the link
+    victim.symlink_to(Path("store") / "kept.bin")  # relative, as a user's `ln -s` makes it
+    (src / "again").symlink_to(src / "store", target_is_directory=True)  # its files are read at their own place
+    assert _fingerprint(src) == before
+    out = ingest(src, Workspace(tmp_path / "ws"), LIMIT, False)
+    assert victim.name in set(pd.read_csv(out["manifest"].path).file), "recorded by its name in the release"
+
+
+def test_dangling_link_is_named(make_release):
+    src = make_release(10)
+    victim = next(p for p in sorted(src.glob("*.jpg")))
+    victim.unlink()
+    victim.symlink_to(src / "gone.jpg")
+    assert _error(src) == f"{victim}: a link that points to {src / 'gone.jpg'}, which does not exist"
+
+
+def test_link_loops_are_named_or_walked_once(make_release, tmp_path):
+    src = make_release(10)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "back").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (src / "out").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (src / "self").symlink_to(src, target_is_directory=True)
+    assert len(build_manifest(src, LIMIT, allow_external_links=True)) == 10  # folder loops: each folder once
+    (src / "a.jpg").symlink_to(src / "b.jpg")
+    (src / "b.jpg").symlink_to(src / "a.jpg")
+    assert _error(src) in {f"{src / name}: a link that loops back on itself" for name in ("a.jpg", "b.jpg")}
