@@ -5,7 +5,9 @@ served with it).
 
 The gap to the served arithmetic is the price of the real path: reading files, decoding
 and resizing, the pyfunc wrapper, and the CLI's start-up (imports, registry lookup, model
-load); the gap between the two array lines is the price of test-time augmentation.
+load); the gap between the two array lines is the price of test-time augmentation. The
+one-image line is that start-up alone, paid by every call: what `mlflow models serve`
+(one process, model loaded once) saves a caller who sends images one at a time.
 
     .venv/bin/python bench/predict.py --params PARAMS [--model lesionml@champion] [--images 1000]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -23,6 +26,16 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _predict_cli(inputs: list[str], args: argparse.Namespace) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall seconds of one whole `lesionml predict` process on `inputs`."""
+    command = [str(Path(sys.executable).parent / "lesionml"), "predict", *inputs, "--json"]
+    started = time.perf_counter()
+    done = subprocess.run(
+        [*command, "--model", args.model, "--params", args.params], capture_output=True, text=True, check=False
+    )
+    return time.perf_counter() - started, done
 
 
 def main() -> int:
@@ -49,27 +62,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for f in files:
             shutil.copy(f, tmp)
-        started = time.perf_counter()
-        done = subprocess.run(
-            [
-                str(Path(sys.executable).parent / "lesionml"),
-                "predict",
-                tmp,
-                "--json",
-                "--model",
-                args.model,
-                "--params",
-                args.params,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        cli = time.perf_counter() - started
-    if done.returncode != 0:
-        print(done.stderr[-2000:], file=sys.stderr)
-        return 1
-    assert len(done.stdout.splitlines()) == len(files)
+        # One image first, the way a user tries it: what a single call costs before any work,
+        # and its peak memory (the children's high-water mark is still this call's alone).
+        one, first = _predict_cli([str(Path(tmp) / files[0].name)], args)
+        one_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        cli, done = _predict_cli([tmp], args)
+    for call in (first, done):
+        if call.returncode != 0:
+            print(call.stderr[-2000:], file=sys.stderr)
+            return 1
+    assert len(first.stdout.splitlines()) == 1 and len(done.stdout.splitlines()) == len(files)
 
     served = tracking.load_pyfunc(f"models:/{args.model}").unwrap_python_model()
     model = served.model
@@ -88,6 +90,7 @@ def main() -> int:
     print(
         f"{n} images, model {args.model}, input {size[0]}x{size[1]}, test-time augmentation {'on' if served.tta else 'off'}"
     )
+    print(f"  {'lesionml predict, one image (whole CLI process)':<56} {one:7.2f} s  peak {one_rss:,.0f} MB")
     print(f"  {'lesionml predict (files -> classes, whole CLI process)':<56} {cli:7.2f} s  {n / cli:8.1f} img/s")
     print(f"  {'the served arithmetic (TTA as served) on arrays':<56} {same_work:7.2f} s  {n / same_work:8.1f} img/s")
     print(f"  {'model.predict on decoded, resized arrays':<56} {bare:7.2f} s  {n / bare:8.1f} img/s")

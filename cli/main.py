@@ -91,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     from cli.stack import add_parser as add_stack_parser
 
     add_stack_parser(sub)
-    predict = sub.add_parser("predict", help="classify image files or folders with a registered model")
+    predict = sub.add_parser(
+        "predict",
+        help="classify image files or folders with a registered model",
+        description="Classify image files or folders with a registered model. Each call starts a process that "
+        "imports TensorFlow and MLflow and loads the model: seconds and most of a GB before the first image, "
+        "fine for a folder, slow for one image at a time. The low-latency path is to serve the model once: "
+        "mlflow models serve -m models:/lesionml@champion --env-manager local (docs/evaluation.md).",
+    )
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--model", help="NAME@ALIAS (default: <registry.model_name>@champion)")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -140,9 +147,11 @@ def _retrain(args: argparse.Namespace) -> None:
 
 
 def _ui(args: argparse.Namespace) -> None:
+    import signal
     import subprocess
 
     from lesionml.config import load_params
+    from lesionml.tether import tethered
     from lesionml.tracking import redact, tracking_uri
 
     uri = tracking_uri(load_params(args.params).tracking)
@@ -158,8 +167,19 @@ def _ui(args: argparse.Namespace) -> None:
         args.host,
         "--port",
         str(args.port),
+        "--workers",
+        "1",  # one person browsing; MLflow's default of 4 server processes is for a team's server
     ]
-    raise SystemExit(subprocess.call(cmd))
+    # Tethered: however this process ends (Ctrl-C, SIGTERM, kill -9), `mlflow ui` and the uvicorn
+    # it starts end with it instead of living on, re-parented, holding the port.
+    # MLflow's job runner (a pool of huey consumers for server-side jobs) has no work in a UI session.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with subprocess.Popen(tethered(cmd), env=env) as ui:
+        while True:
+            try:
+                raise SystemExit(ui.wait())
+            except KeyboardInterrupt:
+                ui.send_signal(signal.SIGINT)  # the tether stops the UI's whole process group; wait for it
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lesionml.errors import LesionMLError
+from lesionml.tether import GRACE_SECONDS, tethered
 
 _STARTUP_FAILED = 3  # uvicorn's exit code when it could not bind its port (or the app failed to start)
 
@@ -78,7 +79,9 @@ class LocalAPI:
         with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        self.process = subprocess.Popen(server_command(self.port), env=server_env(), stdin=subprocess.DEVNULL)
+        # Tethered: a `kill -9` of this process (which skips `stop`) must not leave the server running.
+        command = tethered(server_command(self.port))
+        self.process = subprocess.Popen(command, env=server_env(), stdin=subprocess.DEVNULL)
 
     def wait(self, timeout: float) -> str:
         """Block until the launched (not stopped) server answers its health check; its API URL."""
@@ -115,9 +118,9 @@ class LocalAPI:
         if self.process is None:
             return
         process, self.process, self.ready = self.process, None, False
-        process.terminate()
+        process.terminate()  # the tether stops the server, then exits
         try:
-            process.wait(timeout=5)
+            process.wait(timeout=GRACE_SECONDS + 5)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

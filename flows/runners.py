@@ -3,10 +3,9 @@ a Dask cluster, each model's train -> evaluate chain at the same time on its own
 
 The two models' chains share nothing but their inputs, so on a cluster with two workers they
 take the time of the slower one instead of the sum. Workers run the same tasks as the flow
-would: same cache keys, same Prefect result storage, same MLflow store. (Not yet the same
-bits: with `train.deterministic: true`, training in a Dask worker's task thread gave other
-weights than the flow's process, and other weights again on a second try; the cause is
-still open.) What it needs of the machines: every worker imports this checkout's
+would: same cache keys, same Prefect result storage, same MLflow store, and with
+`train.deterministic: true` the same bits (`training.seeded_construction` keeps the worker's
+other threads out of the models' initial weights). What it needs of the machines: every worker imports this checkout's
 code and reads and writes the workspace at the same path as the flow (one host, or a shared
 filesystem mounted at one path on all of them), and reaches the Prefect API and the MLflow
 store the flow uses (a temporary local Prefect server is on loopback: other hosts need a

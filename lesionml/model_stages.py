@@ -39,7 +39,7 @@ from lesionml.io import Artifact, write_json, write_text
 from lesionml.models import build_model
 from lesionml.models.patient import PatientStats, enabled, patient_inputs, uses_metadata
 from lesionml.provenance import model_identity, params_digest
-from lesionml.training import EpochHook, fit, seed_everything
+from lesionml.training import EpochHook, fit, seed_everything, seeded_construction
 from lesionml.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -115,7 +115,8 @@ def train(
             raise ValueError(f"{name}: metadata is enabled, so training needs preprocess's metadata table")
         meta_rows = (patient_rows(metadata, train_rows), patient_rows(metadata, val_rows))
         patient = PatientStats.fit(meta_rows[0])
-    model = build_model(name, model_cfg, image_size, norm, len(CLASSES), train_cfg.precision, patient=patient)
+    with seeded_construction(train_cfg.seed):
+        model = build_model(name, model_cfg, image_size, norm, len(CLASSES), train_cfg.precision, patient=patient)
     # Resumable state lives in a folder keyed by everything that defines the trained model.
     out = ws.model_dir(name)
     identity = model_identity(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -67,6 +68,33 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
+
+
+_CONSTRUCTING = threading.Lock()
+
+
+@contextmanager
+def seeded_construction(seed: int) -> Iterator[None]:
+    """Build a model inside this block for initial weights fixed by `seed` alone, whatever else runs.
+
+    Keras draws the seed of every initializer and dropout layer built without one from the
+    process-wide `random` generator. In a Dask worker other threads draw from it too (the
+    worker's event loop, Prefect's clients) between `seed_everything` and the model's
+    construction, so the same seed gave other initial weights on every try there. Inside
+    this block Keras draws from a generator of its own, seeded as `random.seed(seed)` leaves
+    the shared one: a run in which nothing else drew (the flow's own process) builds exactly
+    the weights it built before. Keras keeps that generator in a private module attribute;
+    tests/unit/test_models_training.py fails if a Keras upgrade moves it.
+    """
+    from keras.src.random import seed_generator
+
+    with _CONSTRUCTING:
+        shared = seed_generator.python_random
+        seed_generator.python_random = random.Random(seed)
+        try:
+            yield
+        finally:
+            seed_generator.python_random = shared
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -1,9 +1,11 @@
 """Training spread over workers: `lesionml run --runner dask://HOST:PORT` on a real two-worker
 Dask cluster on loopback trains the two models at the same time, one per worker, through to
-evaluated, registered models in the run's own MLflow store."""
+evaluated, registered models in the run's own MLflow store, bit for bit the models of the
+sequential run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -50,9 +52,15 @@ def _run(tmp: Path, prefect_server: str, *args: str) -> tuple[Path, str]:
     return tmp / "ws", done.stdout
 
 
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_models_train_at_once_on_two_workers(cluster, prefect_server, tmp_path):
     started = time.time()
-    ws, out = _run(tmp_path, prefect_server, "--runner", f"dask://{cluster.scheduler.address.removeprefix('tcp://')}")
+    ws, out = _run(
+        tmp_path / "dask", prefect_server, "--runner", f"dask://{cluster.scheduler.address.removeprefix('tcp://')}"
+    )
 
     stages = next(line for line in out.splitlines() if line.startswith("stages"))
     assert all(f"train.{m} (ran)" in stages and f"evaluate.{m} (ran)" in stages for m in MODELS), stages
@@ -66,7 +74,14 @@ def test_models_train_at_once_on_two_workers(cluster, prefect_server, tmp_path):
     assert sorted(decision["versions"]) == sorted(MODELS) and decision["promote"] is True
     for m in MODELS:
         run_id = json.loads((ws / "train" / m / "summary.json").read_text())["run_id"]
-        assert run_id in (tmp_path / "mlruns.db").read_bytes().decode("latin-1"), m
+        assert run_id in (tmp_path / "dask" / "mlruns.db").read_bytes().decode("latin-1"), m
+
+    # The same bits as the sequential run of the same params (train.deterministic: true): the
+    # same probabilities for every val and test image, so the same metrics and the same decision.
+    alone, _ = _run(tmp_path / "sequential", prefect_server)
+    for m in MODELS:
+        assert _sha(ws / "evaluate" / m / "predictions.csv") == _sha(alone / "evaluate" / m / "predictions.csv"), m
+    assert json.loads((alone / "register" / "decision.json").read_text()) == decision  # each store: versions 1, 2
 
 
 def test_a_mistyped_runner_is_one_line_before_anything_runs(tmp_path, capsys):

@@ -10,8 +10,9 @@
 - two runs on one workspace: the second is refused, naming the first, which is unharmed.
 
 Runs that get killed are separate processes in their own session, run as `lesionml run` runs
-out of the box (Prefect's temporary server is their child), and killed with SIGKILL to the
-whole process group: a machine losing power kills the temporary server too. The other CLI
+out of the box (Prefect's temporary server is their child), and killed with SIGKILL: the first
+kill hits the CLI alone (a scheduler, an OOM killer), after which nothing it started may live
+on; the others hit the whole process group (a machine losing power). The other CLI
 runs share the test session's Prefect server (tests/conftest.py), which saves each of them the
 temporary server's start-up (the Prefect UI set-up of docs/architecture.md).
 """
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -44,6 +46,7 @@ from tests.helpers import (
     ROOT,
     SAMPLE,
     build_release,
+    free_port,
     sample_metadata,
     start_mlflow_server,
     whole_lesion_rows,
@@ -203,12 +206,16 @@ class Run:
                 return line
         pytest.fail(f"no line matching {pattern!r} within {timeout} s; output ends:\n{self.tail()}")
 
-    def kill(self) -> None:
-        """SIGKILL to the whole process group: the CLI and Prefect's temporary server."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+    def kill(self, only_the_cli: bool = False) -> None:
+        """SIGKILL to every process of the run at once (the CLI, the tether and Prefect's temporary
+        server: a machine losing power), or to the CLI alone (a scheduler, an OOM killer, a lost
+        SSH session)."""
+        for pid in [self.proc.pid] if only_the_cli else process_tree(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.wait(timeout=60)
-        self._reader.join(timeout=60)
+        if not only_the_cli:  # else the server, if it outlived the CLI, holds the output pipe open
+            self._reader.join(timeout=60)
 
     def finish(self, timeout: float = 600) -> int:
         try:
@@ -219,6 +226,47 @@ class Run:
         self._reader.join(timeout=60)
         self.seconds = time.monotonic() - self.started
         return rc
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live (not zombie) process."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if fields[0] != "Z":
+                found[int(stat.parent.name)] = (int(fields[1]), cmdline)
+    return found
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """pid -> command line of `root` and everything it started (servers in sessions of their own too)."""
+    table = _processes()
+    tree, grew = {root: table[root][1]} if root in table else {}, True
+    while grew:
+        grew = False
+        for pid, (ppid, cmdline) in table.items():
+            if ppid in tree and pid not in tree:
+                tree[pid], grew = cmdline, True
+    return tree
+
+
+def survivors(tree: dict[int, str], within: float) -> list[str]:
+    """Those of `tree` still running (same pid, same command line) after up to `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        table = _processes()
+        left = [f"{pid}: {cmd}" for pid, cmd in tree.items() if pid in table and table[pid][1] == cmd]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.2)
+
+
+def _kill_all(lines: list[str]) -> None:
+    for line in lines:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -334,8 +382,13 @@ def killed_twice(base, default_env, server_env):
 
     k1 = Run(params, env=default_env, name="k1")
     k1.wait_for(rf"\bepoch\s+1/{EPOCHS}\s+loss")  # printed after the epoch's checkpoint is written
-    k1.kill()
+    started = process_tree(k1.proc.pid)  # the CLI, the tether, Prefect's temporary server
+    k1.kill(only_the_cli=True)
     facts.k1 = k1
+    facts.k1_started = started
+    facts.k1_survivors = survivors(started, within=10)
+    _kill_all(facts.k1_survivors)
+    k1._reader.join(timeout=60)
     facts.after_training_kill = SimpleNamespace(
         incomplete=_incomplete_files(ws),
         checkpoints=sorted(p.relative_to(ws) for p in ws.glob("train/cnn/.work/*/checkpoint.npz")),
@@ -372,6 +425,13 @@ def test_kill_during_training_leaves_a_checkpoint_and_no_half_written_file(kille
     assert len(after.checkpoints) == 1, "one resumable training state, written whole"
     assert not after.model_written, "the kill landed before training finished"
     assert after.holder == killed_twice.k1.proc.pid, "the label names the dead run; its flock died with it"
+
+
+def test_a_run_killed_alone_takes_its_temporary_server_with_it(killed_twice):
+    assert any("prefect.server.api.server:create_app" in cmd for cmd in killed_twice.k1_started.values())
+    assert killed_twice.k1_survivors == [], "still running after `kill -9` of the CLI:\n" + "\n".join(
+        killed_twice.k1_survivors
+    )
 
 
 def test_the_next_run_is_not_refused_and_resumes_training_from_the_checkpoint(killed_twice):
@@ -661,3 +721,39 @@ def test_tracking_server_going_away_mid_run_fails_clearly_and_moves_no_alias(bas
     aliases = {alias: str(version) for alias, version in client.get_registered_model("lesionml").aliases.items()}
     assert aliases == {"champion": v1.version}, "no alias moved"
     assert [str(v.version) for v in client.search_model_versions("name = 'lesionml'")] == [v1.version], "no new version"
+
+
+# ---------------------------------------------------------------------------------------
+# `lesionml ui` sent SIGTERM
+
+
+def test_ui_sent_sigterm_leaves_no_server_running(base, default_env):
+    params = _project(base / "ui")
+    port = free_port()
+    ui = subprocess.Popen(
+        [str(BIN / "lesionml"), "ui", "--params", str(params), "--port", str(port)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=default_env,
+    )
+    started: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, "the MLflow UI never answered"
+                time.sleep(0.5)
+        started = process_tree(ui.pid)
+        assert sum("uvicorn" in cmd for cmd in started.values()) == 1, started  # mlflow ui's server, its grandchild
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=30)
+        left = survivors(started, within=10)
+        assert left == [], "still running 10 s after SIGTERM to `lesionml ui`:\n" + "\n".join(left)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        _kill_all(survivors(started or process_tree(ui.pid), within=0))

@@ -307,3 +307,34 @@ def test_same_seed_with_determinism_gives_identical_weights(tmp_path):
         )
         weights.append(np.load(out))
     np.testing.assert_array_equal(weights[0], weights[1])
+
+
+def test_initial_weights_depend_on_the_seed_alone_while_other_threads_draw_random_numbers():
+    """A Dask worker's other threads draw from Python's shared `random` generator while a task
+    seeds and builds its model: under seeded_construction the weights are still the seed's."""
+    import random
+    import threading
+    import time
+
+    from lesionml.training import seed_everything, seeded_construction
+
+    def initial_weights(drawing: bool) -> list[np.ndarray]:
+        stop = threading.Event()
+
+        def draw() -> None:
+            while not stop.wait(0.001):
+                random.random()
+
+        busy = threading.Thread(target=draw, daemon=True)
+        seed_everything(7)
+        if drawing:
+            busy.start()
+            time.sleep(0.2)  # the task reads its data meanwhile
+        with seeded_construction(7):
+            model = build_model("cnn", TINY_CNN, (32, 40), STATS, 7)
+        stop.set()
+        return model.get_weights()
+
+    quiet = initial_weights(drawing=False)
+    for weights in (initial_weights(drawing=True), initial_weights(drawing=True)):
+        assert all(np.array_equal(a, b) for a, b in zip(quiet, weights, strict=True))

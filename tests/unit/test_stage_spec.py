@@ -40,6 +40,7 @@ NO_STAGE = {
     "lesionml/errors.py",
     "lesionml/io.py",
     "lesionml/stage_spec.py",
+    "lesionml/tether.py",  # keeps the servers a command starts from outliving it; no stage reads it
     "lesionml/workspace.py",
 }
 
