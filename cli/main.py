@@ -35,6 +35,11 @@ def _common(p: argparse.ArgumentParser, source: bool = True) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one param for this run; repeatable (e.g. --set split.seed=7)",
     )
+    p.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="apply the overlay profiles.NAME of the params file (e.g. thorough); --set still wins over it",
+    )
     if source:
         p.add_argument("--source", help="HAM10000 release folder (default: data.source, the bundled sample)")
 
@@ -460,6 +465,8 @@ def _compare(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "profile", None):  # one path for every consumer of the overrides: flows, deployments
+        args.overrides.append(f"profile={args.profile}")
     try:
         if args.command == "run":
             _run_pipeline(args, until="augment" if args.only == "data" else "register")

@@ -12,6 +12,7 @@ being silently ignored and producing a run that differs from what the user asked
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -97,6 +98,8 @@ class _ModelSection(_Section):
     train: dict[str, Any] = Field(default_factory=dict)
     # Absent: image only, as with `enabled: false`.
     metadata: MetadataConfig | None = None
+    # Independently seeded copies (seeds train.seed, +1, ...) whose mean probabilities are the model.
+    ensemble: int = Field(ge=1, le=10)
 
     @field_validator("train")
     @classmethod
@@ -268,6 +271,8 @@ class Params(_Section):
     tracking: TrackingConfig
     registry: RegistryConfig
     schedule: ScheduleConfig
+    profile: str | None  # the overlay of `profiles` this run applied (load_params merged it in); None: none
+    profiles: dict[str, dict[str, Any]]  # named overlays over the sections above, e.g. `thorough`
 
     def resolve_paths(self, root: Path) -> Params:
         """Anchor relative paths at the folder of params.yaml, so commands work from any cwd."""
@@ -288,8 +293,9 @@ class Params(_Section):
         return TrainConfig.model_validate({**self.train.model_dump(), **getattr(self.models, model).train})
 
     def flat(self) -> dict[str, Any]:
-        """Every param as `section.key` -> value: how MLflow and DVC show them."""
-        return flatten(self.model_dump(mode="json"))
+        """Every param as `section.key` -> value: how MLflow and DVC show them (the profiles not
+        applied are no part of a run: `profile` names the one that is, already merged in)."""
+        return flatten(self.model_dump(mode="json", exclude={"profiles"}))
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain JSON-able data."""
@@ -318,7 +324,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """`section.key=value`, the value read as YAML so `3`, `0.5`, `true`, `[64, 64]` get their types."""
     key, sep, raw = text.partition("=")
-    if not sep or not key or "." not in key:
+    if not sep or not key or ("." not in key and key.strip() != "profile"):
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. split.seed=7")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -359,12 +365,42 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | tuple[s
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     # A section whose keys are all commented out parses as None: its keys are then named as missing.
-    tree = {k: ({} if v is None else v) for k, v in tree.items()}
-    for item in overrides:
-        _set_dotted(tree, *parse_override(item))
+    tree = {k: ({} if v is None and k != "profile" else v) for k, v in tree.items()}
+    changes = [parse_override(item) for item in overrides]
+    for change in changes:
+        _set_dotted(tree, *change)
     origin = f"{path}" + (" with --set " + " ".join(overrides) if overrides else "")
+    chosen = tree.get("profile")
+    params = _validate(tree if chosen is None else _overlaid(tree, chosen, changes, origin), origin)
+    for name in set(params.profiles) - {chosen}:  # a typo in a profile fails before anyone uses it
+        _validate(_overlaid(tree, name, changes), f"{path}: profiles.{name}")
+    return params.resolve_paths(path.resolve().parent)
+
+
+def _validate(tree: dict[str, Any], origin: str) -> Params:
     try:
-        params = Params.model_validate(tree)
+        return Params.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_error(origin, exc)) from None
-    return params.resolve_paths(path.resolve().parent)
+
+
+def _overlaid(tree: dict[str, Any], name: Any, changes: list[tuple[str, Any]], origin: str = "") -> dict[str, Any]:
+    """`tree` with profile `name` deep-merged over it, then the --set changes again: they win."""
+    profiles = tree.get("profiles") if isinstance(tree.get("profiles"), dict) else {}
+    if name not in profiles or not isinstance(profiles[name], dict):
+        known = ", ".join(profiles) or "none in profiles:"
+        raise ConfigError(f"{origin}: profile: unknown profile {name!r}; known: {known}")
+    merged = copy.deepcopy(tree)
+    _merge(merged, profiles[name])
+    merged["profile"] = name
+    for change in changes:
+        _set_dotted(merged, *change)
+    return merged
+
+
+def _merge(tree: dict[str, Any], overlay: dict[str, Any]) -> None:
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = copy.deepcopy(value)

@@ -84,12 +84,17 @@ def gradcam(
     Each map is scaled to its own maximum (all zeros where no location raises the logit),
     at the input image's size, so it overlays the image the model saw pixel for pixel.
     A model with the metadata branch is given `metadata` (one row per image; None: withheld),
-    so the map explains the answer it gave with the inputs it was given.
+    so the map explains the answer it gave with the inputs it was given. An ensemble's map is
+    the mean of its members' maps: it answers with the mean of their probabilities.
     """
     import tensorflow as tf
 
+    from lesionml.models import ensemble_members
     from lesionml.models.patient import patient_inputs, uses_metadata
 
+    members = ensemble_members(model)
+    if len(members) > 1:
+        return _unit_peak(np.mean([gradcam(m, images, classes, batch_size, metadata) for m in members], axis=0))
     extra = patient_inputs(metadata, len(images)) if uses_metadata(model) else None
     probe, head = _probe(model)
     kernel = tf.cast(head.kernel, tf.float32)
@@ -109,9 +114,14 @@ def gradcam(
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         cam = tf.nn.relu(tf.reduce_sum(weights * tf.cast(feature_map, tf.float32), axis=-1, keepdims=True))
         cam = tf.image.resize(cam, (height, width), method="bilinear")[..., 0].numpy()
-        peak = cam.max(axis=(1, 2), keepdims=True)
-        out[start : start + len(cam)] = np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)
+        out[start : start + len(cam)] = _unit_peak(cam)
     return out
+
+
+def _unit_peak(maps: np.ndarray) -> np.ndarray:
+    """Each map divided by its own maximum (all zeros stay zeros)."""
+    peak = maps.max(axis=(1, 2), keepdims=True)
+    return np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 0)
 
 
 def mass_inside(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:

@@ -62,8 +62,9 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def image_size(model: keras.Model) -> tuple[int, int]:
-    """(height, width) of the model's image input, which is its first input with or without metadata."""
-    return tuple(int(d) for d in model.inputs[0].shape[1:3])
+    """(height, width) of the model's image input: the only 4-D one, whatever order its inputs come in
+    (a model taking them by name, as an ensemble with the metadata branch does, sorts them by name)."""
+    return next(tuple(int(d) for d in t.shape[1:3]) for t in model.inputs if len(t.shape) == 4)
 
 
 def predict_proba(

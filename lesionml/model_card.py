@@ -22,11 +22,18 @@ def render(
 ) -> str:
     """`ema_decay`: the train setting the model was trained with (0: its live weights were saved)."""
     test, val = metrics["test"], metrics["val"]
+    best = summary["best_epoch"]
+    at = f"epochs {', '.join(map(str, best))}" if isinstance(best, list) else f"epoch {best}"
     weights = (
-        f"the running average of its weights (decay {ema_decay:g} per step) at epoch {summary['best_epoch']}"
+        f"the running average of its weights (decay {ema_decay:g} per step) at {at}"
         if ema_decay
-        else f"weights of epoch {summary['best_epoch']}"
+        else f"weights of {at}"
     )
+    if isinstance(best, list):
+        weights = (
+            f"the mean of the class probabilities of {len(best)} copies trained with seeds "
+            f"{summary['seeds'][0]} to {summary['seeds'][-1]}, each with {weights}"
+        )
     recall_rows = "\n".join(
         f"| {c} | {CLASS_NAMES[c]} | {test['per_class'][c]['recall']:.3f} | {test['per_class'][c]['precision']:.3f} "
         f"| {test['per_class'][c].get('roc_auc', float('nan')):.3f} | {int(test['per_class'][c]['support'])} |"

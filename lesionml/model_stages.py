@@ -36,10 +36,10 @@ from lesionml.evaluation import (
 )
 from lesionml.inference import adjust_probabilities, predict_proba
 from lesionml.io import Artifact, write_json, write_text
-from lesionml.models import build_model
+from lesionml.models import build_model, ensemble
 from lesionml.models.patient import PatientStats, enabled, patient_inputs, uses_metadata
 from lesionml.provenance import model_identity, params_digest
-from lesionml.training import EpochHook, fit, seed_everything, seeded_construction
+from lesionml.training import EpochHook, fit, save_model, seed_everything, seeded_construction
 from lesionml.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -115,34 +115,53 @@ def train(
             raise ValueError(f"{name}: metadata is enabled, so training needs preprocess's metadata table")
         meta_rows = (patient_rows(metadata, train_rows), patient_rows(metadata, val_rows))
         patient = PatientStats.fit(meta_rows[0])
-    with seeded_construction(train_cfg.seed):
-        model = build_model(name, model_cfg, image_size, norm, len(CLASSES), train_cfg.precision, patient=patient)
     # Resumable state lives in a folder keyed by everything that defines the trained model.
     out = ws.model_dir(name)
     identity = model_identity(
         name, params, images.sha256, split.sha256, stats.sha256, metadata.sha256 if meta_rows else None
     )
     workdir = out / ".work" / identity
-    print(
-        f"training {name}: {len(train_x)} train / {len(val_x)} val images of {image_size[0]}x{image_size[1]}, "
-        f"{model.count_params():,} parameters, up to {train_cfg.epochs} epochs"
-    )
-    fitted = fit(
-        model,
-        (train_x, _labels(train_rows)),
-        (val_x, _labels(val_rows)),
-        train_cfg,
-        workdir,
-        ws.model_file(name),
-        augment=params.augment,
-        n_classes=len(CLASSES),
-        epoch_hooks=[on_epoch] if on_epoch else [],
-        metadata=meta_rows,
-        withhold=meta_cfg.withhold if meta_cfg else 0.0,
-    )
-    history = pd.read_csv(fitted.history_path)
+    n = model_cfg.ensemble
+    members, fits, histories = [], [], []
+    for k in range(n):
+        # Member k trains exactly as a single model of seed train.seed + k would: the same
+        # seeding, construction and epoch seeds, so member 1 is the single model of the run's seed.
+        member_cfg = train_cfg.model_copy(update={"seed": train_cfg.seed + k})
+        if k:
+            seed_everything(member_cfg.seed, member_cfg.deterministic)
+        with seeded_construction(member_cfg.seed):
+            model = build_model(name, model_cfg, image_size, norm, len(CLASSES), train_cfg.precision, patient=patient)
+        which = f" (member {k + 1} of {n}, seed {member_cfg.seed})" if n > 1 else ""
+        print(
+            f"training {name}{which}: {len(train_x)} train / {len(val_x)} val images of "
+            f"{image_size[0]}x{image_size[1]}, {model.count_params():,} parameters, up to {train_cfg.epochs} epochs"
+        )
+        hook = on_epoch if n == 1 or on_epoch is None else _member_hook(on_epoch, k + 1)
+        fitted = fit(
+            model,
+            (train_x, _labels(train_rows)),
+            (val_x, _labels(val_rows)),
+            member_cfg,
+            workdir if n == 1 else workdir / f"member_{k + 1}",
+            ws.model_file(name) if n == 1 else workdir / f"member_{k + 1}" / "model.keras",
+            augment=params.augment,
+            n_classes=len(CLASSES),
+            epoch_hooks=[hook] if hook else [],
+            metadata=meta_rows,
+            withhold=meta_cfg.withhold if meta_cfg else 0.0,
+        )
+        members.append(model)
+        fits.append(fitted)
+        histories.append(pd.read_csv(fitted.history_path))
+    model = ensemble(members)
+    if n > 1:
+        save_model(model, ws.model_file(name))
+    history = histories[0] if n == 1 else pd.concat([h.assign(member=k) for k, h in enumerate(histories, 1)])
     write_csv(out / "history.csv", history)
-    plots.training_curves(history, f"{name}: training curves", out / "curves.png", fitted.best_epoch)
+    curves = [out / "curves.png"] + [out / f"curves_member_{k}.png" for k in range(2, n + 1)]
+    for k, (path, h, fitted) in enumerate(zip(curves, histories, fits, strict=True), 1):
+        title = f"{name}: training curves" + (f", member {k} of {n}" if n > 1 else "")
+        plots.training_curves(h, title, path, fitted.best_epoch)
     summary = {
         "model": name,
         "run_id": run_id,
@@ -150,12 +169,13 @@ def train(
         "n_train": len(train_x),
         "n_val": len(val_x),
         "parameters": int(model.count_params()),
-        "epochs_run": fitted.epochs_run,
-        "best_epoch": fitted.best_epoch,
-        f"best_{train_cfg.monitor}": fitted.best_value,
-        "train_seconds": round(fitted.seconds, 2),
-        "train_images_per_second": round(fitted.train_images_per_second, 1),
+        "epochs_run": sum(f.epochs_run for f in fits),
+        "best_epoch": fits[0].best_epoch if n == 1 else [f.best_epoch for f in fits],
+        f"best_{train_cfg.monitor}": fits[0].best_value if n == 1 else [f.best_value for f in fits],
+        "train_seconds": round(sum(f.seconds for f in fits), 2),
+        "train_images_per_second": round(sum(f.train_images_per_second for f in fits) / n, 1),
         "metadata": bool(meta_cfg),
+        "seeds": [train_cfg.seed + k for k in range(n)],
     }
     write_json(out / "summary.json", summary)
     result = TrainResult(
@@ -166,7 +186,7 @@ def train(
         example=_example(val_x[:2], meta_rows[1][:2] if meta_rows else None),
         normalization=norm.to_dict(),
         metadata_encoding=patient.to_dict() if patient else None,
-        record=(out / "curves.png", out / "history.csv", out / "summary.json"),
+        record=(*curves, out / "history.csv", out / "summary.json"),
         artifacts={
             "model": Artifact.of(ws.model_file(name)),
             "history": Artifact.of(out / "history.csv"),
@@ -177,6 +197,12 @@ def train(
         on_trained(result)
     shutil.rmtree(out / ".work", ignore_errors=True)
     return result
+
+
+def _member_hook(hook: EpochHook, member: int) -> EpochHook:
+    """Per-epoch metrics of ensemble member `member` under names of its own (`member2_val_loss`):
+    each member's epochs restart at 1, so shared names would overwrite each other's curves."""
+    return lambda epoch, metrics: hook(epoch, {f"member{member}_{k}": v for k, v in metrics.items()})
 
 
 def _example(images: np.ndarray, rows: pd.DataFrame | None) -> np.ndarray | dict[str, np.ndarray]:

@@ -604,7 +604,10 @@ def log_training(run_id: str, result: TrainResult) -> None:
     # re-evaluated in this same run, and a param cannot change; evaluation sets tags instead.
     extra = {"model.name": result.name, "model.parameters": result.summary["parameters"]}
     log_params(run_id, result.params, extra, skip=("evaluate",))
-    log_metrics(run_id, {k: result.summary[k] for k in TRAINING_METRICS})
+    figures = {k: result.summary[k] for k in TRAINING_METRICS}
+    if isinstance(figures["best_epoch"], list):  # an ensemble: one best epoch per member
+        figures |= {f"member{k}_best_epoch": e for k, e in enumerate(figures.pop("best_epoch"), 1)}
+    log_metrics(run_id, figures)
     log_text(run_id, model_summary(result.model), "model_summary.txt")
     log_dict(run_id, result.normalization, "preprocessing/normalization_stats.json")
     log_dict(run_id, {"classes": list(CLASSES), "names": CLASS_NAMES}, "preprocessing/classes.json")

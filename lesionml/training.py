@@ -250,6 +250,17 @@ def _improved(monitor: str, value: float, best: float | None) -> bool:
     return value < best if monitor.endswith("loss") else value > best
 
 
+def save_model(model: keras.Model, path: Path) -> None:
+    """A complete .keras file at `path`, atomically: a later stage never loads a half-written model."""
+    with atomic_path(path.with_suffix(".keras")) as tmp:
+        keras_tmp = tmp.with_suffix(".keras")  # Keras insists on the suffix
+        try:
+            model.save(keras_tmp)
+            keras_tmp.replace(tmp)
+        finally:  # a failed save (disk full) must not leave its partial file behind
+            keras_tmp.unlink(missing_ok=True)
+
+
 def fit(
     model: keras.Model,
     train: tuple[np.ndarray, np.ndarray],
@@ -389,13 +400,7 @@ def fit(
             hook(epoch + 1, {k: v for k, v in row.items() if k != "epoch"})
     for v, w in zip(model.variables, best_weights, strict=True):
         v.assign(w)
-    with atomic_path(out_model.with_suffix(".keras")) as tmp:
-        keras_tmp = tmp.with_suffix(".keras")  # Keras insists on the suffix
-        try:
-            model.save(keras_tmp)
-            keras_tmp.replace(tmp)
-        finally:  # a failed save (disk full) must not leave its partial file behind
-            keras_tmp.unlink(missing_ok=True)
+    save_model(model, out_model)
     rows = pd.DataFrame(state["rows"])
     epoch_seconds = float(rows.seconds.sum())
     return FitResult(

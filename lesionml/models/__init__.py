@@ -10,7 +10,7 @@ z-scoring, which bfloat16's 8-bit mantissa would round to whole pixel values bef
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lesionml.data.normalize import NormStats
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import keras
 
     from lesionml.models.patient import PatientStats
+
+ENSEMBLE_AVERAGE = "ensemble_average"  # the layer that marks an ensemble and averages its members
 
 Builder = Callable[[Any, tuple[int, int], NormStats, int, "PatientStats | None"], "keras.Model"]
 
@@ -128,3 +130,31 @@ def conv_block(index: int, filters: int, convs: int, kernel_size: int, dropout: 
         layers.BatchNormalization(name=f"b{index}_bn"),
         layers.Dropout(dropout, name=f"b{index}_dropout"),
     ]
+
+
+def ensemble(members: Sequence[keras.Model]) -> keras.Model:
+    """One model whose output is the mean of its members' class probabilities, with the
+    members' inputs: evaluated, registered, served and explained like any single model.
+    Averaging probabilities (not logits) keeps each member's calibration in the mean."""
+    import keras
+
+    if len(members) == 1:
+        return members[0]
+    def by_name(tensors: list) -> Any:  # a model with the metadata branch takes its inputs by name
+        return {t.name: t for t in tensors} if len(tensors) > 1 else tensors[0]
+
+    inputs = by_name([keras.Input(shape=t.shape[1:], dtype=t.dtype, name=t.name) for t in members[0].inputs])
+    # A functional model needs unique names for the models it holds: each member is re-wrapped
+    # (same layers, same weights) under its own.
+    renamed = [keras.Model(by_name(m.inputs), m.outputs[0], name=f"member_{k}") for k, m in enumerate(members, 1)]
+    outputs = keras.layers.Average(name=ENSEMBLE_AVERAGE, dtype="float32")([m(inputs) for m in renamed])
+    return keras.Model(inputs, outputs, name=f"{members[0].name}_ensemble_of_{len(members)}")
+
+
+def ensemble_members(model: keras.Model) -> list[keras.Model]:
+    """The members of an ensemble built by `ensemble`; a single model is its own one member."""
+    import keras
+
+    if not any(layer.name == ENSEMBLE_AVERAGE for layer in model.layers):
+        return [model]
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]

@@ -1,5 +1,6 @@
-"""A CNN with the patient metadata branch through the real flow on the bundled sample: trained,
-evaluated with and without metadata, registered, re-scored as champion and predicted by the
+"""A CNN with the patient metadata branch, as an ensemble of two seeded copies (the thorough
+profile's kind of model), through the real flow on the bundled sample: trained, evaluated
+with and without metadata, explained, registered, re-scored as champion and predicted by the
 CLI with the inputs it was evaluated with."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def meta_run(tmp_path_factory):
     models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
     models["cnn"].update(sections["models"]["cnn"])
     models["cnn"]["metadata"]["enabled"] = True
+    models["cnn"]["ensemble"] = 2
     sections["models"] = {**models, "enabled": ["cnn"]}
     params_file = write_params(tmp, SAMPLE, **sections)
     return params_file, pipeline(params_file=str(params_file))
@@ -33,6 +35,24 @@ def meta_run(tmp_path_factory):
 
 def _sample_rows() -> pd.DataFrame:
     return pd.read_csv(next(SAMPLE.glob("*.csv")), dtype=str, keep_default_na=False).set_index("image_id")
+
+
+def test_the_model_is_the_mean_of_two_seeded_copies(meta_run):
+    import keras
+
+    from lesionml.models import ENSEMBLE_AVERAGE, ensemble_members
+
+    _, result = meta_run
+    summary = json.loads(Path(result["artifacts"]["train.cnn.summary"]["path"]).read_text())
+    assert summary["seeds"] == [42, 43] and len(summary["best_epoch"]) == 2
+    model = keras.saving.load_model(result["artifacts"]["train.cnn.model"]["path"])
+    members = ensemble_members(model)
+    assert len(members) == 2 and model.layers[-1].name == ENSEMBLE_AVERAGE
+    assert not all((a == b).all() for a, b in zip(members[0].get_weights(), members[1].get_weights(), strict=True)), (
+        "two seeds, two different models"
+    )
+    evaluated = Path(result["artifacts"]["evaluate.cnn.metrics"]["path"]).parent
+    assert len(list(evaluated.glob("test_gradcam_*.png"))) >= 2, "Grad-CAM grids of the ensemble"
 
 
 def test_evaluation_reports_metrics_with_metadata_withheld(meta_run):

@@ -67,7 +67,7 @@ def test_the_code_holds_no_values_only_types_and_bounds():
 
 def test_the_projects_params_file_names_every_setting_and_every_value_comes_from_it(sample_dir):
     params = Params.model_validate(PROJECT)  # nothing filled in: every required key is in the file
-    assert params.flat() == flatten(PROJECT)
+    assert params.flat() == flatten({k: v for k, v in PROJECT.items() if k != "profiles"})
     loaded = load_params(ROOT / "params.yaml")
     assert loaded.data.source == sample_dir.resolve()
     own_epochs = PROJECT["models"]["cnn_lstm"]["train"]["epochs"]
@@ -82,7 +82,7 @@ def test_a_missing_setting_is_named_in_one_line(tmp_path):
     del tree["models"]["cnn"]["head"], tree["evaluate"]["min_balanced_accuracy"]
     message = _error(_write(tmp_path / "b", yaml.safe_dump(tree)))
     assert message.endswith("params.yaml: models.cnn.head: missing (and 2 more missing)")
-    assert _error(_write(tmp_path / "c", "")).endswith("params.yaml: data: missing (and 8 more missing)")
+    assert _error(_write(tmp_path / "c", "")).endswith("params.yaml: data: missing (and 10 more missing)")
 
 
 def test_a_section_left_empty_names_its_first_key_as_missing(tmp_path):
@@ -306,3 +306,32 @@ def test_a_models_own_train_settings_win_for_that_model_only(tmp_path):
 )
 def test_bad_per_model_train_settings_are_named(tmp_path, override, needle):
     assert needle in _error(_write(tmp_path, {}), [override])
+
+
+# --- profiles -------------------------------------------------------------------------
+
+
+def test_a_profile_overlays_the_file_and_set_still_wins(tmp_path):
+    path = _write(tmp_path, {})
+    plain = load_params(path)
+    thorough = load_params(path, ["profile=thorough", "train.epochs=3"])
+    overlay = PROJECT["profiles"]["thorough"]
+    assert plain.profile is None and thorough.profile == "thorough"
+    assert thorough.data.image_size == tuple(overlay["data"]["image_size"]) != plain.data.image_size
+    assert thorough.models.cnn.ensemble == overlay["models"]["cnn"]["ensemble"]
+    assert thorough.models.cnn.filters == plain.models.cnn.filters, "a nested overlay keeps the keys it does not name"
+    assert thorough.train.epochs == 3, "--set wins over the profile"
+    assert "profiles.thorough.data.image_size" not in thorough.flat() and thorough.flat()["profile"] == "thorough"
+
+
+def test_an_unknown_profile_names_the_known_ones(tmp_path):
+    path = _write(tmp_path, {})
+    assert (
+        _error(path, ["profile=fast"])
+        == f"{path} with --set profile=fast: profile: unknown profile 'fast'; known: thorough"
+    )
+
+
+def test_a_typo_in_a_profile_fails_even_when_it_is_not_used(tmp_path):
+    path = _write(tmp_path, {"profiles": {"thorough": {"train": {"epoch": 50}}}})
+    assert _error(path) == f"{path}: profiles.thorough: unknown key 'train.epoch'"

@@ -338,3 +338,27 @@ def test_initial_weights_depend_on_the_seed_alone_while_other_threads_draw_rando
     quiet = initial_weights(drawing=False)
     for weights in (initial_weights(drawing=True), initial_weights(drawing=True)):
         assert all(np.array_equal(a, b) for a, b in zip(quiet, weights, strict=True))
+
+
+def test_an_ensemble_answers_the_mean_of_its_members_and_survives_a_save(tmp_path):
+    import keras
+
+    from lesionml.explain import gradcam
+    from lesionml.models import ensemble, ensemble_members
+    from lesionml.training import save_model, seed_everything
+
+    members = []
+    for seed in (1, 2):
+        seed_everything(seed)
+        members.append(build_model("cnn", TINY_CNN, (32, 40), STATS, 7))
+    model = ensemble(members)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 40, 3)).astype(np.float32)
+    expected = np.mean([np.asarray(m(images)) for m in members], axis=0)
+    np.testing.assert_allclose(np.asarray(model(images)), expected, rtol=1e-6)
+    save_model(model, tmp_path / "ensemble.keras")
+    loaded = keras.saving.load_model(tmp_path / "ensemble.keras", safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(images)), expected, rtol=1e-6)
+    assert len(ensemble_members(loaded)) == 2 and ensemble_members(members[0]) == [members[0]]
+    maps = gradcam(loaded, images.astype(np.uint8), [0, 1, 2])
+    mean = np.mean([gradcam(m, images.astype(np.uint8), [0, 1, 2]) for m in members], axis=0)
+    np.testing.assert_allclose(maps, mean / mean.max(axis=(1, 2), keepdims=True), atol=1e-5)  # members' mean map
