@@ -140,6 +140,7 @@ def ensemble(members: Sequence[keras.Model]) -> keras.Model:
 
     if len(members) == 1:
         return members[0]
+
     def by_name(tensors: list) -> Any:  # a model with the metadata branch takes its inputs by name
         return {t.name: t for t in tensors} if len(tensors) > 1 else tensors[0]
 
