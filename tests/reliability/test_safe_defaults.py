@@ -14,6 +14,7 @@ silently matches nothing cannot pass.
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
 import subprocess
 from pathlib import Path
@@ -208,12 +209,22 @@ def test_lesionml_ui_passes_the_host_to_mlflow(tmp_path, monkeypatch, capsys):
     from cli.main import main
 
     started = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, *a, **kw: started.append(cmd) or 0)
+
+    class Recorded(contextlib.nullcontext):
+        def __init__(self, cmd, *args, **kwargs):
+            super().__init__(self)
+            started.append(cmd)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(SystemExit) as done:
         main(["ui", "--params", str(write_params(tmp_path, SAMPLE))])
     assert done.value.code == 0
     [cmd] = started
+    assert cmd[cmd.index("--") - 3 : cmd.index("--") - 1] == ["-m", "lesionml.tether"], "dies with the command"
     assert cmd[cmd.index("ui") - 1 :][:2] == ["mlflow", "ui"]
     assert cmd[cmd.index("--host") + 1] == LOOPBACK
     assert f"http://{LOOPBACK}:5000" in capsys.readouterr().out
