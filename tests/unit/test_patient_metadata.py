@@ -15,7 +15,7 @@ from lesionml.errors import DataError
 from lesionml.inference import predict_proba
 from lesionml.models import build_model
 from lesionml.models.patient import PRESENT, PatientStats, patient_inputs, uses_metadata, withhold_metadata
-from lesionml.training import WITHHELD_COLUMNS, fit, seed_everything
+from lesionml.training import WITHHELD_COLUMNS, fit, seed_everything, seeded_construction
 from tests.helpers import ROOT, config
 
 STATS = NormStats((120.0, 100.0, 90.0), (40.0, 35.0, 30.0), 10)
@@ -71,7 +71,8 @@ def trained(tmp_path_factory):
     """A tiny CNN with the metadata branch trained (with withholding) on sex/site-decided classes."""
     _, train_rows, _ = _patients(256, 1)
     val_x, val_rows, val_y = _patients(96, 2)
-    model = build_model("cnn", CNN, SIZE, STATS, 4, patient=PatientStats.fit(train_rows))
+    with seeded_construction(0):  # the same initial weights whichever tests ran before
+        model = build_model("cnn", CNN, SIZE, STATS, 4, patient=PatientStats.fit(train_rows))
     folder = tmp_path_factory.mktemp("patient")
     result = _fit_on_patients(model, folder, metadata=(train_rows, val_rows), withhold=META.withhold)
     return model, result, (val_x, val_rows, val_y)
@@ -207,7 +208,8 @@ def test_the_model_learns_from_the_metadata_a_model_without_it_cannot(trained, t
     best = pd.read_csv(result.history_path).iloc[result.best_epoch - 1]
     assert best.val_accuracy >= 0.9
     assert best.val_accuracy_withheld <= 0.45, "without the metadata the class is a guess (4 classes)"
-    image_only = build_model("cnn", CNN.model_copy(update={"metadata": OFF}), SIZE, STATS, 4)
+    with seeded_construction(0):
+        image_only = build_model("cnn", CNN.model_copy(update={"metadata": OFF}), SIZE, STATS, 4)
     fitted = _fit_on_patients(image_only, tmp_path)
     assert pd.read_csv(fitted.history_path).val_accuracy.max() <= 0.45
 
